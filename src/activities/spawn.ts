@@ -1,0 +1,169 @@
+import fs from 'node:fs';
+import path from 'node:path';
+import { log } from '@temporalio/activity';
+import { validateMount, validateMounts, loadMountAllowlist } from '../config/mount-allowlist.js';
+import type { BindMount, RunSpec } from '../docker/runtime.js';
+import { logger } from '../logger.js';
+import { globalDir } from '../paths.js';
+import { clearCloseRequest, clearProcessingClaims, readProcessingClaims } from '../session/session-files.js';
+import type { ActivityDeps } from './deps.js';
+import { asActivity } from './failures.js';
+import { loadSessionContext, type SessionContext } from './session-context.js';
+import type { SpawnRequest, SpawnResult } from './types.js';
+
+/** Labels on every berth container; `berth.install` finds this install's orphans. */
+export const LABELS = {
+  install: 'berth.install',
+  session: 'berth.session',
+  group: 'berth.group',
+  workflowRun: 'berth.workflow-run',
+} as const;
+
+let warnedMissingAllowlist = false;
+
+export function createSpawnActivities(deps: ActivityDeps) {
+  const { settings, docker } = deps;
+
+  return {
+    /**
+     * Starts the session's container. Idempotent: when a container with this
+     * name exists (a previous attempt started it), it is adopted instead of
+     * starting a second one. Every mount is validated again right before
+     * `docker run`.
+     */
+    async spawnContainer(request: SpawnRequest): Promise<SpawnResult> {
+      return asActivity(async () => {
+        const existing = await docker.inspect(request.containerName);
+        if (existing) {
+          log.info('adopting container from an earlier spawn attempt', {
+            sessionId: request.sessionId,
+            container: request.containerName,
+          });
+          return {
+            containerName: request.containerName,
+            containerId: existing.id,
+            startedAt: existing.startedAt ? Date.parse(existing.startedAt) : Date.now(),
+            adopted: true,
+          };
+        }
+
+        const context = loadSessionContext(deps, request.sessionId);
+        const spec = buildRunSpec(deps, context, request);
+        const identity = { agentGroupId: context.group.id, agentGroupName: context.group.name };
+        const credentials = await deps.oneCli.applyContainerConfig(identity, spec.extraArgs ?? []);
+        spec.extraArgs = credentials.args;
+
+        // Claims still open now were left by a previous container: no container runs, so the host may clear them.
+        const stale = readProcessingClaims(context.sessionDir).map((claim) => claim.messageId);
+        if (stale.length > 0) {
+          clearProcessingClaims(context.sessionDir, stale);
+          log.info('cleared claims left by a previous container', { sessionId: request.sessionId, count: stale.length });
+        }
+        clearCloseRequest(context.sessionDir);
+
+        const containerId = await docker.run(spec);
+        deps.hostDb.updateSessionContainerStatus(request.sessionId, 'running', new Date().toISOString());
+        const info = await docker.inspect(request.containerName);
+        return {
+          containerName: request.containerName,
+          containerId,
+          startedAt: info?.startedAt ? Date.parse(info.startedAt) : Date.now(),
+          adopted: false,
+        };
+      });
+    },
+  };
+}
+
+/** Builds the `docker run` spec of the container contract: env, mounts, labels, limits and user. */
+export function buildRunSpec(deps: ActivityDeps, context: SessionContext, request: SpawnRequest): RunSpec {
+  const { settings } = deps;
+  const { group, paths, config, session } = context;
+
+  const provider = deps.providers.get(request.provider);
+  const contribution = provider.contribute({
+    sessionDir: context.sessionDir,
+    agentGroup: { id: group.id, name: group.name, folder: group.folder },
+    groupDir: paths.groupDir,
+    hostEnv: process.env,
+  });
+
+  const env: Record<string, string> = {
+    TZ: process.env.TZ ?? Intl.DateTimeFormat().resolvedOptions().timeZone ?? 'UTC',
+    AGENT_PROVIDER: request.provider,
+    SESSION_INBOUND_DB_PATH: '/workspace/inbound.db',
+    SESSION_OUTBOUND_DB_PATH: '/workspace/outbound.db',
+    SESSION_HEARTBEAT_PATH: '/workspace/.heartbeat',
+    SESSION_CLOSE_REQUEST_PATH: '/workspace/.close-request',
+    NANOCLAW_ASSISTANT_NAME: settings.assistantName,
+    NANOCLAW_AGENT_GROUP_ID: group.id,
+    NANOCLAW_AGENT_GROUP_NAME: group.name,
+    NANOCLAW_ADMIN_USER_IDS: request.adminUserIds.join(','),
+    NANOCLAW_MCP_SERVERS: JSON.stringify(config.mcpServers ?? {}),
+    ...contribution.env,
+  };
+
+  const mounts: BindMount[] = [
+    { source: context.sessionDir, target: '/workspace', readonly: false },
+    { source: paths.groupDir, target: '/workspace/agent', readonly: false },
+    { source: paths.claudeStateDir, target: '/home/node/.claude', readonly: false },
+    { source: paths.agentRunnerSrcDir, target: '/app/src', readonly: false },
+  ];
+  if (fs.existsSync(globalDir(settings))) {
+    mounts.push({ source: globalDir(settings), target: '/workspace/global', readonly: true });
+  }
+  for (const mount of mounts) {
+    // Docker would create a missing source as a root-owned folder: create it ourselves first.
+    fs.mkdirSync(mount.source, { recursive: true });
+  }
+
+  const allowlist = loadMountAllowlist(settings.mountAllowlistPath);
+  const extra = config.additionalMounts ?? [];
+  if (extra.length > 0 && allowlist === null && !warnedMissingAllowlist) {
+    warnedMissingAllowlist = true;
+    logger.warn({ allowlist: settings.mountAllowlistPath }, 'no mount allowlist: every additional mount is blocked');
+  }
+  const options = { allowlistPath: settings.mountAllowlistPath };
+  for (const mount of validateMounts(extra, allowlist, options)) {
+    mounts.push({ source: mount.hostPath, target: mount.containerPath, readonly: mount.readonly });
+  }
+  for (const mount of contribution.mounts) {
+    mounts.push(validateProviderMount(mount, context.sessionDir, allowlist, options));
+  }
+
+  const uid = process.getuid?.();
+  const gid = process.getgid?.();
+  const mapUser = uid !== undefined && gid !== undefined && uid !== 0 && uid !== 1000;
+  if (mapUser) env.HOME = '/home/node';
+
+  return {
+    name: request.containerName,
+    image: request.image,
+    labels: {
+      [LABELS.install]: settings.installId,
+      [LABELS.session]: session.id,
+      [LABELS.group]: group.id,
+      [LABELS.workflowRun]: request.workflowRunId,
+    },
+    env,
+    mounts,
+    extraArgs: [],
+    user: mapUser ? `${uid}:${gid}` : undefined,
+    memory: config.resources?.memory,
+    cpus: config.resources?.cpus,
+    pidsLimit: config.resources?.pidsLimit,
+  };
+}
+
+/** Provider mounts inside the session folder are trusted; any other source goes through the allowlist. */
+function validateProviderMount(
+  mount: BindMount,
+  sessionDirPath: string,
+  allowlist: ReturnType<typeof loadMountAllowlist>,
+  options: { allowlistPath: string },
+): BindMount {
+  const source = path.resolve(mount.source);
+  if (source === sessionDirPath || source.startsWith(sessionDirPath + path.sep)) return mount;
+  const checked = validateMount({ hostPath: source, readonly: mount.readonly }, allowlist, options);
+  return { source: checked.hostPath, target: mount.target, readonly: checked.readonly };
+}

@@ -1,0 +1,210 @@
+import { spawnSync } from 'node:child_process';
+import readline from 'node:readline';
+import { fileURLToPath } from 'node:url';
+import { Command, InvalidArgumentError } from 'commander';
+import type { Client } from '@temporalio/client';
+import { connectClient, stopSession } from '../client/session-client.js';
+import { HostDb } from '../db/host-db.js';
+import { CallbackSink, ConsoleSink } from '../delivery/deliverer.js';
+import { startDevServer } from '../dev-server.js';
+import { BerthError } from '../errors.js';
+import { logger } from '../logger.js';
+import { loadSettings, type Settings } from '../settings.js';
+import { createBerthWorker } from '../worker.js';
+import { collectStatus, formatStatusTable, sendMessage, waitForReplies } from './commands.js';
+import { buildGroupImageNow } from './build-image.js';
+
+const REPO_ROOT = fileURLToPath(new URL('../../', import.meta.url));
+
+function positiveNumber(value: string): number {
+  const parsed = Number(value);
+  if (!Number.isFinite(parsed) || parsed <= 0) throw new InvalidArgumentError(`expected a positive number of seconds, got "${value}".`);
+  return parsed;
+}
+
+async function withClient<T>(settings: Settings, work: (client: Client, hostDb: HostDb) => Promise<T>): Promise<T> {
+  const hostDb = new HostDb(settings.hostDbPath);
+  let client: Client | null = null;
+  try {
+    client = await connectClient(settings).catch((error: unknown) => {
+      throw new Error(
+        `Could not reach the Temporal server at ${settings.temporalAddress} (${(error as Error).message}). Start it with "berth dev" or "npm start".`,
+      );
+    });
+    return await work(client, hostDb);
+  } finally {
+    hostDb.close();
+    await client?.connection.close();
+  }
+}
+
+/** Runs the worker until SIGINT or SIGTERM. */
+async function runWorkerUntilSignal(settings: Settings, extra?: () => Promise<void>): Promise<void> {
+  const client = await connectClient(settings);
+  const worker = await createBerthWorker({ settings, client, sink: new ConsoleSink() });
+  const stop = async (): Promise<void> => {
+    await worker.shutdown();
+    await extra?.();
+    await client.connection.close();
+  };
+  process.once('SIGINT', () => void stop());
+  process.once('SIGTERM', () => void stop());
+  await worker.run();
+}
+
+function buildReferenceImage(): void {
+  process.stderr.write('Checking the reference agent image (the first build takes a few minutes)...\n');
+  const result = spawnSync('bash', [`${REPO_ROOT}container/build.sh`], { stdio: ['ignore', 'inherit', 'inherit'] });
+  if (result.status !== 0) throw new Error('Building the reference agent image failed; see the output above.');
+}
+
+/** The terminal chat of `npm start`: each line goes to agent group `main`, replies print as they arrive. */
+async function startChat(settings: Settings): Promise<void> {
+  buildReferenceImage();
+  const server = await startDevServer(settings);
+  const client = await connectClient(settings);
+  const worker = await createBerthWorker({
+    settings,
+    client,
+    sink: new CallbackSink((message) => {
+      process.stdout.write(`\n${settings.assistantName}> ${message.text ?? JSON.stringify(message.content)}\nyou> `);
+    }),
+  });
+  const workerRun = worker.run();
+  const hostDb = new HostDb(settings.hostDbPath);
+
+  process.stdout.write(
+    `berth is running. Temporal Web UI: ${server.uiUrl}\nType a message for agent group "main"; Ctrl-D or Ctrl-C quits.\nyou> `,
+  );
+  const input = readline.createInterface({ input: process.stdin, terminal: process.stdin.isTTY });
+  let closing = false;
+  const close = async (): Promise<void> => {
+    if (closing) return;
+    closing = true;
+    input.close();
+    await worker.shutdown();
+    await workerRun.catch(() => undefined);
+    hostDb.close();
+    await client.connection.close();
+    await server.stop();
+  };
+  process.once('SIGINT', () => void close());
+  for await (const line of input) {
+    const text = line.trim();
+    if (text === '') {
+      process.stdout.write('you> ');
+      continue;
+    }
+    try {
+      await sendMessage(settings, hostDb, client, { folder: 'main', text });
+    } catch (error) {
+      process.stderr.write(`berth: ${(error as Error).message}\n`);
+      process.stdout.write('you> ');
+    }
+  }
+  // stdin ended (Ctrl-D or a closed pipe): give pending replies a moment, then shut down.
+  await new Promise((resolve) => setTimeout(resolve, settings.deliveryPollMs * 4));
+  await close();
+}
+
+export function buildProgram(): Command {
+  const program = new Command('berth')
+    .description('A durable container runner for AI-agent sessions, on Temporal.')
+    .showHelpAfterError();
+
+  program
+    .command('send')
+    .description('Write a message for an agent group and wake its session.')
+    .argument('<group-folder>', 'the agent group folder, created when new')
+    .argument('<text>', 'the message text')
+    .option('--thread <id>', 'thread id within the group; each thread has its own session')
+    .option('--wait <seconds>', 'wait this many seconds for replies and print them', positiveNumber)
+    .action(async (folder: string, text: string, options: { thread?: string; wait?: number }) => {
+      const settings = loadSettings();
+      await withClient(settings, async (client, hostDb) => {
+        const queued = await sendMessage(settings, hostDb, client, { folder, text, threadId: options.thread });
+        process.stderr.write(`Queued message ${queued.messageId} for session ${queued.session.id}.\n`);
+        if (options.wait === undefined) return;
+        const count = await waitForReplies(queued, (reply) => process.stdout.write(`${reply}\n`), {
+          timeoutMs: options.wait * 1000,
+        });
+        if (count === 0) {
+          throw new Error(
+            `No reply from session ${queued.session.id} within ${options.wait} s. The message stays pending in its inbound.db; check "berth status ${queued.session.id}" and that a worker runs.`,
+          );
+        }
+      });
+    });
+
+  program
+    .command('status')
+    .description('Show every session, or one, with its state, container, last activity and next deadline.')
+    .argument('[session-id]', 'one session')
+    .option('--json', 'print JSON')
+    .action(async (sessionId: string | undefined, options: { json?: boolean }) => {
+      const settings = loadSettings();
+      await withClient(settings, async (client, hostDb) => {
+        const summaries = await collectStatus(settings, hostDb, client, sessionId);
+        process.stdout.write(
+          options.json ? `${JSON.stringify(sessionId ? summaries[0] : summaries, null, 2)}\n` : `${formatStatusTable(summaries)}\n`,
+        );
+      });
+    });
+
+  program
+    .command('stop')
+    .description("Stop a session's container gracefully.")
+    .argument('<session-id>')
+    .action(async (sessionId: string) => {
+      const settings = loadSettings();
+      await withClient(settings, async (client, hostDb) => {
+        hostDb.getSession(sessionId);
+        await stopSession(client, sessionId, 'stop requested from the command line');
+        process.stderr.write(`Stop requested for session ${sessionId}.\n`);
+      });
+    });
+
+  program
+    .command('build-image')
+    .description("Build an agent group's image from the packages in its container.json, showing progress.")
+    .argument('<group-folder>')
+    .action(async (folder: string) => {
+      const tag = await buildGroupImageNow(loadSettings(), folder, (line) => process.stderr.write(line));
+      process.stdout.write(`${tag}\n`);
+    });
+
+  program
+    .command('worker')
+    .description('Run the worker against the configured Temporal server.')
+    .action(async () => runWorkerUntilSignal(loadSettings()));
+
+  program
+    .command('dev')
+    .description('Run the Temporal dev server (state under the data directory) and the worker.')
+    .action(async () => {
+      const settings = loadSettings();
+      const server = await startDevServer(settings);
+      process.stderr.write(`Temporal Web UI: ${server.uiUrl}\n`);
+      await runWorkerUntilSignal(settings, () => server.stop());
+    });
+
+  program
+    .command('start')
+    .description('Start the dev server and the worker, and chat with agent group "main" in this terminal.')
+    .action(async () => startChat(loadSettings()));
+
+  return program;
+}
+
+export async function main(argv: string[]): Promise<void> {
+  try {
+    await buildProgram().parseAsync(argv);
+  } catch (error) {
+    const message = error instanceof Error ? error.message : String(error);
+    process.stderr.write(`berth: ${message}\n`);
+    if (!(error instanceof BerthError)) logger.debug({ err: error }, 'command failed');
+    process.exitCode = 1;
+  }
+}
+
+await main(process.argv);

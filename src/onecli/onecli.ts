@@ -1,0 +1,284 @@
+import { setTimeout as sleep } from 'node:timers/promises';
+import { OneCLI as OneCliSdk, OneCLIError, OneCLIRequestError } from '@onecli-sh/sdk';
+import { CredentialsUnavailableError } from '../errors.js';
+import { logger } from '../logger.js';
+
+export interface OneCliSettings {
+  /** Base URL of the OneCLI gateway. When unset, berth makes no OneCLI calls. */
+  url: string | undefined;
+  apiKey?: string;
+  /** Whether a container may start only with credentials from the gateway. */
+  requireCredentials: boolean;
+}
+
+export interface AgentIdentity {
+  agentGroupId: string;
+  agentGroupName: string;
+}
+
+export interface OneCli {
+  /**
+   * Registers the agent group with the gateway (name: the group's name,
+   * identifier: the group's id). An agent that already exists counts as
+   * ensured. Returns `{ ensured: false }` without a request when no URL is set.
+   */
+  ensureAgent(identity: AgentIdentity): Promise<{ ensured: boolean }>;
+
+  /**
+   * Returns `dockerArgs` followed by the gateway's flags: `-e` env vars, a
+   * `--mount` per file the SDK mounts (CA certificate, credential stubs) and,
+   * on Linux, `--add-host host.docker.internal:host-gateway`. `dockerArgs` must
+   * be `docker run` options without the image, because the flags are appended.
+   * The input array is never modified. `secretValues` lists the added env
+   * values that may be secrets, for the caller to redact from its logs.
+   */
+  applyContainerConfig(
+    identity: AgentIdentity,
+    dockerArgs: string[],
+  ): Promise<{ args: string[]; applied: boolean; secretValues: string[] }>;
+}
+
+interface RetryPolicy {
+  retries: number;
+  baseDelayMs: number;
+}
+
+/**
+ * Creates the OneCLI client. Both calls are retried with exponential backoff
+ * (`baseDelayMs`, then twice that, and so on) after a network error, a timeout
+ * or a 5xx status. `retries` counts the tries after the first: the default of
+ * 3 makes 4 tries with 250, 500 and 1000 ms between them. A 4xx status is not
+ * retried.
+ *
+ * When the gateway cannot provide credentials after those tries, or no URL is
+ * set, a client with `requireCredentials` throws CredentialsUnavailableError.
+ * Otherwise it logs a warning and the container starts without credentials.
+ */
+export function createOneCli(
+  settings: OneCliSettings,
+  options: { retries?: number; baseDelayMs?: number } = {},
+): OneCli {
+  const retry: RetryPolicy = { retries: options.retries ?? 3, baseDelayMs: options.baseDelayMs ?? 250 };
+  const gatewayUrl = settings.url;
+  if (gatewayUrl === undefined) {
+    return createDisconnectedOneCli(settings.requireCredentials);
+  }
+
+  // Both values are passed explicitly so that the SDK never falls back to
+  // ONECLI_URL or ONECLI_API_KEY from the environment behind berth's settings.
+  const sdk = new OneCliSdk({ url: gatewayUrl, apiKey: settings.apiKey ?? '' });
+
+  // NOTE: a 4xx (invalid API key, rejected identifier) also ends here, and
+  // CredentialsUnavailableError is retryable, so Temporal retries it until the
+  // activity's retry policy gives up. Telling it apart needs a non-retryable class.
+  function handleUnavailable(identity: AgentIdentity, operation: string, error: unknown): void {
+    if (settings.requireCredentials) {
+      throw unavailableError(identity, gatewayUrl, error);
+    }
+    logger.warn(
+      { agentGroupId: identity.agentGroupId, gatewayUrl, operation, err: error },
+      'OneCLI credentials unavailable; starting the container without them',
+    );
+  }
+
+  return {
+    async ensureAgent(identity) {
+      try {
+        const result = await withRetry(identity, 'ensureAgent', retry, () =>
+          sdk.ensureAgent({ name: identity.agentGroupName, identifier: identity.agentGroupId }),
+        );
+        logger.info({ agentGroupId: identity.agentGroupId, created: result.created }, 'OneCLI agent ensured');
+        return { ensured: true };
+      } catch (error) {
+        handleUnavailable(identity, 'ensureAgent', error);
+        return { ensured: false };
+      }
+    },
+
+    async applyContainerConfig(identity, dockerArgs) {
+      let added: string[];
+      try {
+        added = await withRetry(identity, 'applyContainerConfig', retry, () => fetchAddedArgs(sdk, identity));
+      } catch (error) {
+        handleUnavailable(identity, 'applyContainerConfig', error);
+        return { args: [...dockerArgs], applied: false, secretValues: [] };
+      }
+
+      logger.info(
+        { agentGroupId: identity.agentGroupId, addedArgs: added.length },
+        'OneCLI container config applied',
+      );
+      return { args: [...dockerArgs, ...added], applied: true, secretValues: findSecretValues(added) };
+    },
+  };
+}
+
+/** Creates the client for a host without a gateway URL, which never makes a request. */
+function createDisconnectedOneCli(requireCredentials: boolean): OneCli {
+  return {
+    async ensureAgent() {
+      return { ensured: false };
+    },
+    async applyContainerConfig(identity, dockerArgs) {
+      if (requireCredentials) {
+        throw unavailableError(identity, undefined, undefined);
+      }
+      return { args: [...dockerArgs], applied: false, secretValues: [] };
+    },
+  };
+}
+
+/**
+ * Runs the SDK's applyContainerConfig on an empty array and returns the flags
+ * it added, with each `-v` turned into `--mount`. The SDK resolves false on a
+ * network error or a 5xx status, which is thrown here as a OneCLIError so that
+ * withRetry tries again.
+ */
+async function fetchAddedArgs(sdk: OneCliSdk, identity: AgentIdentity): Promise<string[]> {
+  const added: string[] = [];
+  // NOTE: the SDK writes the CA certificate and credential stubs to fixed file
+  // names in os.tmpdir(), shared by every agent group on the host. Two gateways,
+  // or stubs that differ between groups, overwrite each other's files while
+  // containers still mount them. Copying each file to a per-group path would
+  // close this.
+  const applied = await sdk.applyContainerConfig(added, { agent: identity.agentGroupId });
+  if (!applied) {
+    throw new OneCLIError('the gateway is unreachable or returned a 5xx status');
+  }
+  return convertVolumeFlags(added);
+}
+
+async function withRetry<T>(
+  identity: AgentIdentity,
+  operation: string,
+  retry: RetryPolicy,
+  run: () => Promise<T>,
+): Promise<T> {
+  for (let attempt = 1; ; attempt += 1) {
+    try {
+      return await run();
+    } catch (error) {
+      if (!isTransient(error) || attempt > retry.retries) {
+        throw error;
+      }
+
+      const delayMs = retry.baseDelayMs * 2 ** (attempt - 1);
+      logger.warn(
+        { agentGroupId: identity.agentGroupId, operation, attempt, delayMs, err: error },
+        'OneCLI request failed; retrying',
+      );
+      await sleep(delayMs);
+    }
+  }
+}
+
+/** The SDK wraps network errors, timeouts and unparseable bodies in plain OneCLIErrors. */
+function isTransient(error: unknown): boolean {
+  if (error instanceof OneCLIRequestError) {
+    return error.statusCode >= 500;
+  }
+  return error instanceof OneCLIError;
+}
+
+function unavailableError(
+  identity: AgentIdentity,
+  gatewayUrl: string | undefined,
+  cause: unknown,
+): CredentialsUnavailableError {
+  const group = `agent group "${identity.agentGroupName}" (${identity.agentGroupId})`;
+  if (gatewayUrl === undefined) {
+    return new CredentialsUnavailableError(
+      `OneCLI credentials are required for ${group}, but ONECLI_URL is not set. ` +
+        'Set ONECLI_URL to the gateway, or set BERTH_ONECLI_REQUIRED=false to start containers without credentials.',
+    );
+  }
+
+  const reason = cause instanceof Error ? cause.message : String(cause);
+  return new CredentialsUnavailableError(
+    `OneCLI gateway at ${gatewayUrl} provided no credentials for ${group}: ${reason}. ` +
+      'Start the gateway or correct ONECLI_URL and ONECLI_API_KEY, ' +
+      'or set BERTH_ONECLI_REQUIRED=false to start containers without credentials.',
+    { cause },
+  );
+}
+
+/** Rewrites `-v host:container[:ro|rw]` pairs as `--mount type=bind,...` and keeps other flags unchanged. */
+function convertVolumeFlags(flags: string[]): string[] {
+  const converted: string[] = [];
+  for (let index = 0; index < flags.length; index += 1) {
+    const flag = flags[index] as string;
+    const value = flags[index + 1];
+    if ((flag === '-v' || flag === '--volume') && value !== undefined) {
+      converted.push('--mount', toMountSpec(value));
+      index += 1;
+      continue;
+    }
+    converted.push(flag);
+  }
+  return converted;
+}
+
+function toMountSpec(volume: string): string {
+  const parts = volume.split(':');
+  const mode = parts.length === 3 ? parts.pop() : undefined;
+  const [source, target] = parts;
+  const valid =
+    parts.length === 2 &&
+    source?.startsWith('/') === true &&
+    target?.startsWith('/') === true &&
+    (mode === undefined || mode === 'ro' || mode === 'rw');
+  if (!valid) {
+    throw new Error(
+      `OneCLI added the volume "${volume}", which is not an absolute host:container[:ro|rw] pair`,
+    );
+  }
+
+  const fields = ['type=bind', `source=${source}`, `target=${target}`];
+  if (mode === 'ro') {
+    fields.push('readonly');
+  }
+  return fields.map(quoteCsvField).join(',');
+}
+
+// Docker reads the --mount value as one CSV record, so a field with a comma or
+// a double quote must be quoted.
+function quoteCsvField(field: string): string {
+  return /[",\r\n]/.test(field) ? `"${field.replaceAll('"', '""')}"` : field;
+}
+
+const SECRET_NAME = /TOKEN|SECRET|PASSW|KEY|AUTH|CREDENTIAL/i;
+const PROXY_NAME = /PROXY/i;
+
+/**
+ * Returns the values of `-e`/`--env NAME=VALUE` flags whose name suggests a
+ * secret, plus proxy URLs that carry a user name or password.
+ */
+function findSecretValues(flags: string[]): string[] {
+  const secrets: string[] = [];
+  for (let index = 0; index < flags.length - 1; index += 1) {
+    const flag = flags[index];
+    if (flag !== '-e' && flag !== '--env') {
+      continue;
+    }
+
+    const assignment = flags[index + 1] as string;
+    const separator = assignment.indexOf('=');
+    if (separator <= 0) {
+      continue;
+    }
+    const name = assignment.slice(0, separator);
+    const value = assignment.slice(separator + 1);
+    if (value !== '' && (SECRET_NAME.test(name) || (PROXY_NAME.test(name) && hasUserInfo(value)))) {
+      secrets.push(value);
+    }
+  }
+  return [...new Set(secrets)];
+}
+
+function hasUserInfo(value: string): boolean {
+  if (!URL.canParse(value)) {
+    return false;
+  }
+  const url = new URL(value);
+  return url.username !== '' || url.password !== '';
+}

@@ -1,0 +1,35 @@
+import path from 'node:path';
+import type { Settings } from './settings.js';
+
+/** Where berth keeps each group's and session's files on the host. */
+export interface GroupPaths {
+  /** The group folder, mounted read-write at /workspace/agent. */
+  groupDir: string;
+  containerJson: string;
+  logsDir: string;
+  /** The group's shared Claude state, mounted at /home/node/.claude. */
+  claudeStateDir: string;
+  /** The group's agent-runner source, mounted at /app/src. */
+  agentRunnerSrcDir: string;
+}
+
+export function groupPaths(settings: Settings, folder: string): GroupPaths {
+  const groupDir = path.join(settings.groupsDir, folder);
+  const stateDir = path.join(settings.dataDir, 'group-state', folder);
+  return {
+    groupDir,
+    containerJson: path.join(groupDir, 'container.json'),
+    logsDir: path.join(groupDir, 'logs'),
+    claudeStateDir: path.join(stateDir, 'claude'),
+    agentRunnerSrcDir: path.join(stateDir, 'agent-runner-src'),
+  };
+}
+
+/** The global folder, mounted read-only at /workspace/global when it exists. */
+export function globalDir(settings: Settings): string {
+  return path.join(settings.groupsDir, 'global');
+}
+
+export function sessionDir(settings: Settings, folder: string, sessionId: string): string {
+  return path.join(settings.sessionsDir, folder, sessionId);
+}

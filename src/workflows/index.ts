@@ -1,0 +1,2 @@
+export { sessionWorkflow } from './session.js';
+export { imageBuildWorkflow } from './image-build.js';
