@@ -19,6 +19,7 @@
 #   BERTH_DEBIAN_MIRROR  Debian mirror for debootstrap (default: the bookworm
 #                        entry of this host's apt sources)
 set -euo pipefail
+shopt -s inherit_errexit
 
 readonly BASE_IMAGE=berth-base:bookworm-node
 readonly AGENT_IMAGE=berth-agent:latest

@@ -15,6 +15,7 @@
 #   BERTH_TEMPORAL_CLI   use this Temporal CLI instead of one on PATH or a cached build
 #   BERTH_DEBIAN_MIRROR  Debian mirror for the base image (default: read from apt sources)
 set -euo pipefail
+shopt -s inherit_errexit
 
 readonly TEMPORAL_CLI_VERSION=v1.5.1
 readonly TEMPORAL_CLI_MODULE=github.com/temporalio/cli/cmd/temporal

@@ -2,7 +2,7 @@
 // pending messages from inbound.db, which only the host writes, and claims each
 // one in processing_ack. It replies "echo: <text>" in messages_out (only this
 // agent writes outbound.db) and prints each reply between output markers on
-// stdout. It touches the heartbeat file on every poll.
+// stdout. It touches the heartbeat file while it handles messages.
 //
 // It stops with exit code 0 when the close-request file appears or on SIGTERM,
 // in both cases after finishing the message it is working on.
@@ -363,12 +363,16 @@ async function handleMessage(outbound, message) {
 
 // --- main loop ----------------------------------------------------------------
 
+// The heartbeat is touched only while there is work, so an idle agent lets the
+// host's idle timer run out; the host reads a stale heartbeat with no pending
+// work as idle, not stuck.
 async function poll() {
-  touchHeartbeat();
   await withOutbound(async (outbound) => {
     for (const message of await readPendingMessages(outbound)) {
       if (shouldStop()) return;
+      touchHeartbeat();
       await handleMessage(outbound, message);
+      touchHeartbeat();
     }
   });
 }

@@ -60,13 +60,17 @@ function buildReferenceImage(): void {
 
 /** The terminal chat of `npm start`: each line goes to agent group `main`, replies print as they arrive. */
 async function startChat(settings: Settings): Promise<void> {
+  // Keep the chat readable: only warnings and errors reach the terminal unless a level was chosen.
+  if (process.env.BERTH_LOG_LEVEL === undefined) logger.level = 'warn';
   buildReferenceImage();
   const server = await startDevServer(settings);
   const client = await connectClient(settings);
+  const unanswered = new Set<string>();
   const worker = await createBerthWorker({
     settings,
     client,
     sink: new CallbackSink((message) => {
+      if (message.inReplyTo) unanswered.delete(message.inReplyTo);
       process.stdout.write(`\n${settings.assistantName}> ${message.text ?? JSON.stringify(message.content)}\nyou> `);
     }),
   });
@@ -96,14 +100,19 @@ async function startChat(settings: Settings): Promise<void> {
       continue;
     }
     try {
-      await sendMessage(settings, hostDb, client, { folder: 'main', text });
+      const queued = await sendMessage(settings, hostDb, client, { folder: 'main', text });
+      unanswered.add(queued.messageId);
     } catch (error) {
       process.stderr.write(`berth: ${(error as Error).message}\n`);
       process.stdout.write('you> ');
     }
   }
-  // stdin ended (Ctrl-D or a closed pipe): give pending replies a moment, then shut down.
-  await new Promise((resolve) => setTimeout(resolve, settings.deliveryPollMs * 4));
+  // stdin ended (Ctrl-D or a closed pipe): wait up to a minute for replies still owed, then shut down.
+  const deadline = Date.now() + 60_000;
+  while (unanswered.size > 0 && Date.now() < deadline && !closing) {
+    await new Promise((resolve) => setTimeout(resolve, 200));
+  }
+  process.stdout.write('\n');
   await close();
 }
 
