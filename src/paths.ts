@@ -11,6 +11,8 @@ export interface GroupPaths {
   claudeStateDir: string;
   /** The group's agent-runner source, mounted at /app/src. */
   agentRunnerSrcDir: string;
+  /** Image tags whose build failed, with the reason, so a wake does not rebuild a known failure. */
+  imageBuildFailures: string;
 }
 
 export function groupPaths(settings: Settings, folder: string): GroupPaths {
@@ -22,6 +24,7 @@ export function groupPaths(settings: Settings, folder: string): GroupPaths {
     logsDir: path.join(groupDir, 'logs'),
     claudeStateDir: path.join(stateDir, 'claude'),
     agentRunnerSrcDir: path.join(stateDir, 'agent-runner-src'),
+    imageBuildFailures: path.join(stateDir, 'image-build-failures.json'),
   };
 }
 

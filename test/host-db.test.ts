@@ -35,9 +35,10 @@ afterEach(() => {
 });
 
 /**
- * Script for a child process: opens the host database (migrating it), writes
- * its ready file, waits until the go file appears so that both children write at the same moment,
- * then creates the same group, messaging group and session and prints their ids.
+ * Script for a child process. It opens (and migrates) the host database, writes
+ * its ready file and waits for the go file, so that both children write at the
+ * same moment. Then it creates the same group, messaging group and session 20
+ * times and prints the distinct ids it got back.
  */
 const CHILD_SCRIPT = `
 import fs from 'node:fs';
@@ -73,7 +74,9 @@ describe('migrations', () => {
   it('create the tables', () => {
     const db = openDb();
 
-    const tables = db.db.prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name").all() as Array<{
+    const tables = db.db
+      .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+      .all() as Array<{
       name: string;
     }>;
     expect(tables.map((table) => table.name)).toEqual(
@@ -142,7 +145,7 @@ describe('concurrent creation', () => {
     expect(countRows(db, 'schema_migrations')).toBe(MIGRATIONS.length);
   }, 90_000);
 
-  it('a session without a messaging group is unique too', () => {
+  it('session without messaging group is unique', () => {
     const db = openDb();
     const group = db.ensureAgentGroup('main');
 
@@ -172,7 +175,7 @@ describe('getSession', () => {
 });
 
 describe('roles', () => {
-  it('adminUserIds returns owner, global admin and group admin once each', () => {
+  it('adminUserIds lists each admin once', () => {
     const db = openDb();
     const group = db.ensureAgentGroup('main');
     db.grantRole('owner-1', 'owner');
@@ -238,7 +241,14 @@ describe('destinations', () => {
     db.addAgentDestination(group.id, 'helper', helper.id);
 
     expect(db.destinationsOf(group.id)).toEqual([
-      { name: 'helper', displayName: null, type: 'agent', channelType: null, platformId: null, agentGroupId: helper.id },
+      {
+        name: 'helper',
+        displayName: null,
+        type: 'agent',
+        channelType: null,
+        platformId: null,
+        agentGroupId: helper.id,
+      },
     ]);
   });
 
@@ -252,7 +262,12 @@ describe('destinations', () => {
     db.addChannelDestination(group.id, 'target', channel.id);
 
     const [destination] = db.destinationsOf(group.id);
-    expect(destination).toMatchObject({ type: 'channel', channelType: 'cli', platformId: 'local', agentGroupId: null });
+    expect(destination).toMatchObject({
+      type: 'channel',
+      channelType: 'cli',
+      platformId: 'local',
+      agentGroupId: null,
+    });
   });
 
   it('belong to their own group only', () => {

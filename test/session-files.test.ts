@@ -97,7 +97,9 @@ describe('insertInboundMessage', () => {
     const repeat = insertInboundMessage(dir, { ...chat('m1'), content: { text: 'changed' } });
 
     expect(repeat).toEqual({ inserted: false, seq: 2 });
-    const rows = withFile(inboundPath(dir), (db) => db.prepare('SELECT content FROM messages_in').all()) as Array<{
+    const rows = withFile(inboundPath(dir), (db) =>
+      db.prepare('SELECT content FROM messages_in').all(),
+    ) as Array<{
       content: string;
     }>;
     expect(rows).toHaveLength(1);
@@ -149,7 +151,7 @@ describe('readUndeliveredMessages', () => {
     expect(messages[0]!.inReplyTo).toBe('m1');
   });
 
-  it('holds back a message whose deliver_after is in the future', () => {
+  it('holds back a future deliver_after', () => {
     writeReply('out-now', 1);
     withFile(outboundPath(dir), (db) =>
       db

@@ -7,6 +7,20 @@
 // It stops with exit code 0 when the close-request file appears or on SIGTERM,
 // in both cases after finishing the message it is working on.
 //
+// Test knobs (environment variables) make it misbehave on purpose:
+//   AGENT_MODE=contract-check   reply with a report of the contract's env and mounts
+//   AGENT_HEARTBEAT=0           never touch the heartbeat file
+//   AGENT_IGNORE_CLOSE_REQUEST=1  keep running after the close request appears
+//   AGENT_IGNORE_SIGTERM=1      log SIGTERM and keep running
+//   AGENT_DEFAULT_SIGTERM=1     install no SIGTERM handler, so SIGTERM ends the
+//                               process by the signal (exit code 143 under an init)
+//   AGENT_EXIT_AFTER_MS=N       exit with code 3 after N milliseconds
+//   AGENT_ALLOCATE_MB=N         at start, allocate and hold N MiB of memory
+//   AGENT_PRINT_MALFORMED=1     answer each message with two replies and print an
+//                               invalid output block between their two blocks
+//   AGENT_CRASH_ON_MESSAGE=1    claim a message, then exit with code 3 unanswered
+//   AGENT_HANG_ON_MESSAGE=1     claim a message, then never answer or return
+//
 // Plain JavaScript for Node.js 18 or newer. The only dependency is the sqlite3
 // module, from Debian's node-sqlite3 or from npm.
 import { randomUUID } from 'node:crypto';
@@ -83,6 +97,12 @@ function readConfig(env) {
     fail(`invalid AGENT_EXIT_AFTER_MS=${exitAfter}: expected a whole number of milliseconds`);
   }
 
+  const allocate = env.AGENT_ALLOCATE_MB;
+  const allocateMb = allocate === undefined || allocate === '' ? undefined : Number(allocate);
+  if (allocateMb !== undefined && !(Number.isInteger(allocateMb) && allocateMb > 0)) {
+    fail(`invalid AGENT_ALLOCATE_MB=${allocate}: expected a positive whole number of MiB`);
+  }
+
   return {
     inboundPath: env.SESSION_INBOUND_DB_PATH || '/workspace/inbound.db',
     outboundPath: env.SESSION_OUTBOUND_DB_PATH || '/workspace/outbound.db',
@@ -92,7 +112,12 @@ function readConfig(env) {
     heartbeat: env.AGENT_HEARTBEAT !== '0',
     ignoreCloseRequest: env.AGENT_IGNORE_CLOSE_REQUEST === '1',
     ignoreSigterm: env.AGENT_IGNORE_SIGTERM === '1',
+    defaultSigterm: env.AGENT_DEFAULT_SIGTERM === '1',
     exitAfterMs,
+    allocateMb,
+    printMalformed: env.AGENT_PRINT_MALFORMED === '1',
+    crashOnMessage: env.AGENT_CRASH_ON_MESSAGE === '1',
+    hangOnMessage: env.AGENT_HANG_ON_MESSAGE === '1',
   };
 }
 
@@ -306,26 +331,47 @@ function printOutputBlock(reply) {
   process.stdout.write(`${OUTPUT_START_MARKER}\n${JSON.stringify(reply)}\n${OUTPUT_END_MARKER}\n`);
 }
 
-async function writeReply(outbound, message, reply) {
+// A block whose JSON is cut off, as an agent killed mid-write would leave it.
+function printMalformedBlock() {
+  process.stdout.write(`${OUTPUT_START_MARKER}\n{"id": "malformed", "content": {"text": \n${OUTPUT_END_MARKER}\n`);
+}
+
+// Writes the replies to a message and completes its claim, in one transaction.
+async function writeReplies(outbound, message, replies) {
   await inTransaction(outbound, async () => {
-    const [row] = await all(outbound, 'SELECT MAX(seq) AS seq FROM messages_out WHERE seq % 2 = 1');
-    const seq = row.seq === null ? 1 : row.seq + 2;
-    await run(
-      outbound,
-      `INSERT INTO messages_out (id, seq, in_reply_to, timestamp, kind, platform_id, channel_type, thread_id, content)
-       VALUES (?, ?, ?, ?, 'chat', ?, ?, ?, ?)`,
-      [
-        reply.id,
-        seq,
-        message.id,
-        nowIso(),
-        message.platform_id,
-        message.channel_type,
-        message.thread_id,
-        JSON.stringify(reply.content),
-      ],
-    );
+    for (const reply of replies) {
+      const [row] = await all(outbound, 'SELECT MAX(seq) AS seq FROM messages_out WHERE seq % 2 = 1');
+      const seq = row.seq === null ? 1 : row.seq + 2;
+      await run(
+        outbound,
+        `INSERT INTO messages_out (id, seq, in_reply_to, timestamp, kind, platform_id, channel_type, thread_id, content)
+         VALUES (?, ?, ?, ?, 'chat', ?, ?, ?, ?)`,
+        [
+          reply.id,
+          seq,
+          message.id,
+          nowIso(),
+          message.platform_id,
+          message.channel_type,
+          message.thread_id,
+          JSON.stringify(reply.content),
+        ],
+      );
+    }
     await setAckStatus(outbound, message.id, 'completed');
+  });
+}
+
+function newReply(message, text) {
+  return { id: randomUUID(), kind: 'chat', content: { text }, in_reply_to: message.id };
+}
+
+// Never resolves. The interval keeps Node's event loop alive, so the process
+// keeps running with the claim open until a signal ends it.
+function hangForever(message) {
+  log(`hanging on message id=${message.id} (AGENT_HANG_ON_MESSAGE=1)`);
+  return new Promise(() => {
+    setInterval(() => undefined, 60_000);
   });
 }
 
@@ -343,22 +389,28 @@ async function handleMessage(outbound, message) {
     return;
   }
 
-  const reply = {
-    id: randomUUID(),
-    kind: 'chat',
-    content: { text: replyText(text) },
-    in_reply_to: message.id,
-  };
-  printOutputBlock(reply);
+  if (config.crashOnMessage) {
+    log(`exiting with code 3 before answering message id=${message.id} (AGENT_CRASH_ON_MESSAGE=1)`);
+    process.exit(3);
+  }
+  if (config.hangOnMessage) await hangForever(message);
+
+  const replies = [newReply(message, replyText(text))];
+  printOutputBlock(replies[0]);
+  if (config.printMalformed) {
+    printMalformedBlock();
+    replies.push(newReply(message, `${replyText(text)} (second reply)`));
+    printOutputBlock(replies[1]);
+  }
   try {
-    await writeReply(outbound, message, reply);
+    await writeReplies(outbound, message, replies);
   } catch (error) {
     // Marks the claim failed so the host does not wait on it. The poll loop logs the cause.
     await setAckStatus(outbound, message.id, 'failed');
     log(`message failed id=${message.id} reason="writing the reply failed"`);
     throw error;
   }
-  log(`message completed id=${message.id} reply=${reply.id}`);
+  log(`message completed id=${message.id} replies=${replies.map((reply) => reply.id).join(',')}`);
 }
 
 // --- main loop ----------------------------------------------------------------
@@ -375,6 +427,18 @@ async function poll() {
       touchHeartbeat();
     }
   });
+}
+
+// Allocates and fills megabytes one at a time, so that every page is resident
+// and a memory limit below the total ends the process through the OOM killer.
+function allocateMemory(megabytes) {
+  log(`allocating ${megabytes} MiB (AGENT_ALLOCATE_MB)`);
+  const held = [];
+  for (let index = 0; index < megabytes; index++) {
+    held.push(Buffer.alloc(1024 * 1024, (index % 255) + 1));
+  }
+  globalThis.agentHeldMemory = held;
+  log(`allocated ${megabytes} MiB`);
 }
 
 function sleep(ms) {
@@ -397,7 +461,7 @@ function installSignalHandlers() {
     stopRequested = true;
     if (wakeFromSleep) wakeFromSleep();
   };
-  process.on('SIGTERM', onStopSignal);
+  if (!config.defaultSigterm) process.on('SIGTERM', onStopSignal);
   process.on('SIGINT', onStopSignal);
 }
 
@@ -409,6 +473,8 @@ async function main() {
       process.exit(3);
     }, config.exitAfterMs);
   }
+
+  if (config.allocateMb !== undefined) allocateMemory(config.allocateMb);
 
   await withOutbound((outbound) => execute(outbound, OUTBOUND_SCHEMA));
   log(`started mode=${config.mode} inbound=${config.inboundPath} outbound=${config.outboundPath}`);

@@ -1,6 +1,14 @@
 import { Context, log } from '@temporalio/activity';
-import { classifyExit, writeExitLog, type StopReason as ExitLogStopReason } from '../lifecycle/exit-log.js';
-import { sessionDir } from '../paths.js';
+import type { BindMount, ContainerInfo } from '../docker/runtime.js';
+import { BerthError } from '../errors.js';
+import {
+  classifyExit,
+  findExitLog,
+  writeExitLog,
+  type StopReason as ExitLogStopReason,
+} from '../lifecycle/exit-log.js';
+import { groupPaths, sessionDir } from '../paths.js';
+import { resolveProviderName } from '../providers/registry.js';
 import {
   clearCloseRequest,
   clearProcessingClaims,
@@ -23,7 +31,9 @@ export function createControlActivities(deps: ActivityDeps) {
 
   const isRunning = async (name: string): Promise<boolean> => {
     const info = await docker.inspect(name);
-    return info !== null && (info.state === 'running' || info.state === 'paused' || info.state === 'restarting');
+    return (
+      info !== null && (info.state === 'running' || info.state === 'paused' || info.state === 'restarting')
+    );
   };
 
   const waitForExit = async (name: string, timeoutMs: number): Promise<boolean> => {
@@ -49,11 +59,19 @@ export function createControlActivities(deps: ActivityDeps) {
         const steps: StopStep[] = [];
         const step = (name: string, outcome: string): void => {
           steps.push({ step: name, atMs: Date.now(), outcome });
-          log.info('container stop step', { sessionId: request.sessionId, containerName, step: name, outcome });
+          log.info('container stop step', {
+            sessionId: request.sessionId,
+            containerName,
+            step: name,
+            outcome,
+          });
         };
 
         const info = await docker.inspect(containerName);
-        if (info === null || !(info.state === 'running' || info.state === 'paused' || info.state === 'restarting')) {
+        if (
+          info === null ||
+          !(info.state === 'running' || info.state === 'paused' || info.state === 'restarting')
+        ) {
           step('check', 'already stopped');
           return { steps };
         }
@@ -63,7 +81,7 @@ export function createControlActivities(deps: ActivityDeps) {
         }
 
         if (request.closeRequest && graceMs > 0) {
-          const dir = sessionDirOf(deps, request.sessionId);
+          const dir = locateSession(deps, request.sessionId).sessionDir;
           writeCloseRequest(dir, request.reason);
           step('close-request', 'written');
           if (await waitForExit(containerName, graceMs)) {
@@ -74,9 +92,11 @@ export function createControlActivities(deps: ActivityDeps) {
         }
 
         // docker stop sends SIGTERM and, after the grace, SIGKILL.
-        await docker.stop(containerName, Math.max(1, Math.ceil(graceMs / 1000)));
+        const graceSeconds = Math.max(1, Math.ceil(graceMs / 1000));
+        step('sigterm', `sent, SIGKILL follows after ${graceSeconds} s`);
+        await docker.stop(containerName, graceSeconds);
         if (await waitForExit(containerName, 5_000)) {
-          step('docker-stop', 'exited');
+          step('docker-stop', describeStopExit(await docker.inspect(containerName)));
         } else {
           await docker.remove(containerName);
           step('force-remove', 'removed');
@@ -85,14 +105,26 @@ export function createControlActivities(deps: ActivityDeps) {
       });
     },
 
-    async pauseContainer({ sessionId, containerName }: { sessionId: string; containerName: string }): Promise<void> {
+    async pauseContainer({
+      sessionId,
+      containerName,
+    }: {
+      sessionId: string;
+      containerName: string;
+    }): Promise<void> {
       return asActivity(async () => {
         await docker.pause(containerName);
         deps.hostDb.updateSessionContainerStatus(sessionId, 'paused');
       });
     },
 
-    async unpauseContainer({ sessionId, containerName }: { sessionId: string; containerName: string }): Promise<void> {
+    async unpauseContainer({
+      sessionId,
+      containerName,
+    }: {
+      sessionId: string;
+      containerName: string;
+    }): Promise<void> {
       return asActivity(async () => {
         const info = await docker.inspect(containerName);
         if (info?.state === 'paused') await docker.unpause(containerName);
@@ -103,80 +135,146 @@ export function createControlActivities(deps: ActivityDeps) {
     /**
      * Writes the per-exit log, removes the container, and, after a stuck or
      * crashed container, counts its open claims as failed attempts so the
-     * messages are retried with backoff or marked failed. Idempotent.
+     * messages are retried with backoff or marked failed. Idempotent: a retry
+     * that finds the container gone reuses the log the first attempt wrote.
+     * It does not parse container.json for its own work, so a file broken
+     * after the spawn only leaves the mounts out of the log.
      */
     async recordExit(request: RecordExitRequest): Promise<RecordExitResult> {
       return asActivity(async () => {
-        const context = loadSessionContext(deps, request.sessionId);
-        const info = await docker.inspect(request.containerName);
-        const output = info ? await docker.logs(request.containerName) : { stdout: '', stderr: '' };
-        const spec = buildRunSpec(deps, context, {
-          sessionId: request.sessionId,
-          containerName: request.containerName,
-          image: request.image,
-          provider: context.session.provider ?? deps.settings.defaultProvider,
-          adminUserIds: [],
-          workflowRunId: '',
-        });
+        const { sessionId, containerName } = request;
+        const located = locateSession(deps, sessionId);
+        const dir = located.sessionDir;
 
         const { kind } = classifyExit(request.exit.exitCode, request.exit.oomKilled);
-        const logPath = writeExitLog(
-          context.paths.logsDir,
-          {
-            sessionId: request.sessionId,
-            agentGroupId: context.group.id,
-            containerName: request.containerName,
-            image: request.image,
-            startedAt: request.startedAt,
-            endedAt: request.exit.finishedAt,
-            exitCode: request.exit.exitCode,
-            oomKilled: request.exit.oomKilled,
-            stopReason: request.stopReason as ExitLogStopReason,
-            mounts: spec.mounts,
-            stdoutTail: lastLines(output.stdout, TAIL_LINES),
-            stderrTail: lastLines(output.stderr, TAIL_LINES),
-            stdoutFull: output.stdout,
-            stderrFull: output.stderr,
-            stopSteps: request.stopSteps,
-          },
-          {
-            secrets: secretValues(deps),
-            messageTexts: readInboundTexts(context.sessionDir),
-            debug: deps.settings.debugExitLogs,
-            keep: deps.settings.exitLogsKept,
-          },
-        );
-        await docker.remove(request.containerName);
-        clearCloseRequest(context.sessionDir);
-        deps.hostDb.updateSessionContainerStatus(request.sessionId, 'idle');
+        const exists = (await docker.inspect(containerName)) !== null;
+        const earlierLog = exists ? null : findExitLog(located.logsDir, containerName);
+        const logPath = earlierLog ?? (await writeLog(request, located, exists));
+        await docker.remove(containerName);
+        clearCloseRequest(dir);
+        deps.hostDb.updateSessionContainerStatus(sessionId, 'idle');
 
         let retried: string[] = [];
         let failed: string[] = [];
         if (request.failedClaims) {
-          const claimed = readProcessingClaims(context.sessionDir).map((claim) => claim.messageId);
-          clearProcessingClaims(context.sessionDir, claimed);
-          ({ retried, failed } = recordFailedAttempts(context.sessionDir, claimed, {
+          const claimed = readProcessingClaims(dir).map((claim) => claim.messageId);
+          clearProcessingClaims(dir, claimed);
+          ({ retried, failed } = recordFailedAttempts(dir, claimed, {
             ...request.messageRetry,
-            reason: `container ${request.containerName} ended (${request.stopReason}) while processing it`,
+            reason: `container ${containerName} ended (${request.stopReason}) while processing it`,
           }));
         }
         log.info('container exit recorded', {
-          sessionId: request.sessionId,
-          containerName: request.containerName,
+          sessionId,
+          containerName,
           exitKind: kind,
           stopReason: request.stopReason,
           logPath,
+          retriedMessages: retried.length,
+          failedMessages: failed.length,
         });
         return { exitKind: kind, logPath, retriedMessages: retried, failedMessages: failed };
       });
     },
   };
+
+  /** Writes the exit log of a container; `exists` says whether its output can still be read. */
+  async function writeLog(
+    request: RecordExitRequest,
+    located: LocatedSession,
+    exists: boolean,
+  ): Promise<string> {
+    const output = exists ? await docker.logs(request.containerName) : { stdout: '', stderr: '' };
+    const notes = exists ? [] : ['The container was gone before its output could be read.'];
+    const mounts = rebuildMounts(deps, request, notes);
+
+    return writeExitLog(
+      located.logsDir,
+      {
+        sessionId: request.sessionId,
+        agentGroupId: located.agentGroupId,
+        containerName: request.containerName,
+        image: request.image,
+        startedAt: request.startedAt,
+        endedAt: request.exit.finishedAt,
+        exitCode: request.exit.exitCode,
+        oomKilled: request.exit.oomKilled,
+        stopReason: request.stopReason as ExitLogStopReason,
+        mounts,
+        notes,
+        stdoutTail: lastLines(output.stdout, TAIL_LINES),
+        stderrTail: lastLines(output.stderr, TAIL_LINES),
+        stdoutFull: output.stdout,
+        stderrFull: output.stderr,
+        stopSteps: request.stopSteps,
+      },
+      {
+        secrets: secretValues(deps),
+        messageTexts: readInboundTexts(located.sessionDir),
+        debug: deps.settings.debugExitLogs,
+        keep: deps.settings.exitLogsKept,
+      },
+    );
+  }
 }
 
-function sessionDirOf(deps: ActivityDeps, sessionId: string): string {
+/**
+ * Rebuilds the container's mounts from the session's current configuration.
+ * Returns null, and adds a note, when that configuration no longer yields
+ * them (container.json broken, a mount or provider now rejected).
+ * TODO: read the mounts from `docker inspect` instead, which would also be
+ * exact after container.json changed; DockerCli.inspect does not return them yet.
+ */
+function rebuildMounts(deps: ActivityDeps, request: RecordExitRequest, notes: string[]): BindMount[] | null {
+  try {
+    const context = loadSessionContext(deps, request.sessionId);
+    const provider = resolveProviderName(
+      context.session.provider,
+      context.group.provider,
+      deps.settings.defaultProvider,
+    );
+    const spec = buildRunSpec(deps, context, {
+      sessionId: request.sessionId,
+      containerName: request.containerName,
+      image: request.image,
+      provider,
+      adminUserIds: [],
+      workflowRunId: '',
+    });
+    return spec.mounts;
+  } catch (error) {
+    if (!(error instanceof BerthError)) throw error;
+    log.warn('exit log written without mounts', {
+      sessionId: request.sessionId,
+      containerName: request.containerName,
+      error: error.message,
+    });
+    notes.push(`Mounts unknown: ${error.message}`);
+    return null;
+  }
+}
+
+/** Describes how a container ended after `docker stop`, for the stop steps. */
+function describeStopExit(info: ContainerInfo | null): string {
+  if (info === null) return 'removed before its exit code could be read';
+  return classifyExit(info.exitCode, info.oomKilled).meaning;
+}
+
+interface LocatedSession {
+  agentGroupId: string;
+  sessionDir: string;
+  logsDir: string;
+}
+
+/** Finds a session's folders from the host database alone, without parsing container.json. */
+function locateSession(deps: ActivityDeps, sessionId: string): LocatedSession {
   const session = deps.hostDb.getSession(sessionId);
   const group = deps.hostDb.getAgentGroup(session.agentGroupId);
-  return sessionDir(deps.settings, group.folder, sessionId);
+  return {
+    agentGroupId: group.id,
+    sessionDir: sessionDir(deps.settings, group.folder, sessionId),
+    logsDir: groupPaths(deps.settings, group.folder).logsDir,
+  };
 }
 
 function lastLines(text: string, count: number): string {
@@ -188,7 +286,8 @@ function lastLines(text: string, count: number): string {
 function secretValues(deps: ActivityDeps): string[] {
   const values = [deps.settings.onecli.apiKey ?? ''];
   for (const [name, value] of Object.entries(process.env)) {
-    if (value && value.length >= 8 && /TOKEN|SECRET|PASSWORD|API_KEY|CREDENTIAL/i.test(name)) values.push(value);
+    if (value && value.length >= 8 && /TOKEN|SECRET|PASSWORD|API_KEY|CREDENTIAL/i.test(name))
+      values.push(value);
   }
   return values.filter((value) => value.length >= 4);
 }

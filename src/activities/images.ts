@@ -59,15 +59,26 @@ export function createImageActivities(deps: ActivityDeps) {
         const plan = await planGroupImage(deps, group.id, group.folder, base, apt, npm);
         if (await docker.imageExists(plan.tag)) return { image: plan.tag, warning: null };
         if (!deps.buildGroupImage) throw new ImageBuildError('No image builder is configured in this worker.');
-        try {
-          return { image: await deps.buildGroupImage({ agentGroupId: group.id, tag: plan.tag }), warning: null };
-        } catch (error) {
-          const previous = await previousGroupImage(deps, group.id);
-          const reason = error instanceof Error ? error.message : String(error);
-          if (previous === null) throw new ImageBuildError(`Image build for group ${group.folder} failed: ${reason}`);
-          log.warn('group image build failed, using the previous image', { sessionId, previous, reason });
-          return { image: previous, warning: `Image build failed, running the previous image ${previous}: ${reason}` };
+
+        const failures = new BuildFailures(groupPaths(settings, group.folder).imageBuildFailures);
+        let reason = failures.reasonFor(plan.tag);
+        if (reason === null) {
+          try {
+            return { image: await deps.buildGroupImage({ agentGroupId: group.id, tag: plan.tag }), warning: null };
+          } catch (error) {
+            reason = error instanceof Error ? error.message : String(error);
+          }
         }
+        const previous = await previousGroupImage(deps, group.id);
+        const retryHint = `Fix the packages in container.json, or run "berth build-image ${group.folder}" to try again.`;
+        if (previous === null) {
+          throw new ImageBuildError(`Image build for group ${group.folder} failed: ${reason} ${retryHint}`);
+        }
+        log.warn('group image build failed, using the previous image', { sessionId, previous, reason });
+        return {
+          image: previous,
+          warning: `Image build failed, running the previous image ${previous}: ${reason} ${retryHint}`,
+        };
       });
     },
 
@@ -88,7 +99,14 @@ export function createImageActivities(deps: ActivityDeps) {
           throw new ImageBuildError(`container.json of group ${group.folder} changed during the build; wake the session again.`);
         }
         if (await docker.imageExists(tag)) return tag;
-        await buildImage(deps, plan);
+        const failures = new BuildFailures(groupPaths(settings, group.folder).imageBuildFailures);
+        try {
+          await buildImage(deps, plan);
+        } catch (error) {
+          failures.record(tag, error instanceof Error ? error.message : String(error));
+          throw error;
+        }
+        failures.clear(tag);
         return tag;
       });
     },
@@ -182,4 +200,43 @@ async function previousGroupImage(deps: ActivityDeps, agentGroupId: string): Pro
 function loadSessionContextForGroup(deps: ActivityDeps, folder: string): { packages: { apt: string[]; npm: string[] } } {
   const { config } = loadContainerConfig(groupPaths(deps.settings, folder).containerJson);
   return { packages: { apt: config.packages?.apt ?? [], npm: config.packages?.npm ?? [] } };
+}
+
+/**
+ * Tags whose build failed, kept in a small JSON file per group. A wake uses
+ * the previous image for such a tag instead of running the same failing
+ * build again; `berth build-image` and a changed package set build anew.
+ */
+class BuildFailures {
+  constructor(private readonly file: string) {}
+
+  reasonFor(tag: string): string | null {
+    return this.read()[tag] ?? null;
+  }
+
+  record(tag: string, reason: string): void {
+    this.write({ ...this.read(), [tag]: reason });
+  }
+
+  clear(tag: string): void {
+    const entries = this.read();
+    if (!(tag in entries)) return;
+    delete entries[tag];
+    this.write(entries);
+  }
+
+  private read(): Record<string, string> {
+    try {
+      return JSON.parse(fs.readFileSync(this.file, 'utf8')) as Record<string, string>;
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code === 'ENOENT') return {};
+      logger.warn({ file: this.file, err: error }, 'unreadable image build failure record ignored');
+      return {};
+    }
+  }
+
+  private write(entries: Record<string, string>): void {
+    fs.mkdirSync(path.dirname(this.file), { recursive: true });
+    fs.writeFileSync(this.file, `${JSON.stringify(entries, null, 2)}\n`);
+  }
 }

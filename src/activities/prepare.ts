@@ -44,7 +44,12 @@ export function createPrepareActivities(deps: ActivityDeps) {
         const context = loadSessionContext(deps, sessionId);
         for (const warning of context.configWarnings) log.warn('container.json warning', { sessionId, warning });
         const { config, group, session } = context;
-        const provider = resolveProviderName(session.provider, group.provider, settings.defaultProvider);
+        // container.json's provider is the group's file-level default, below the group's own setting.
+        const provider = resolveProviderName(
+          session.provider,
+          group.provider,
+          config.provider ?? settings.defaultProvider,
+        );
         deps.providers.get(provider);
 
         return {
@@ -109,11 +114,46 @@ export function createPrepareActivities(deps: ActivityDeps) {
 export const CONTAINER_UID = 1000;
 export const CONTAINER_GID = 1000;
 
+/**
+ * Hands a folder tree to uid:gid without following symlinks. Another session of the group may
+ * have a running container that writes the shared group folders. Each folder is opened with
+ * O_NOFOLLOW and its entries are reached through /proc/self/fd, so that agent cannot swap a folder
+ * for a symlink between the check and the chown and make root chown a host path outside the tree.
+ * An entry that vanishes or turns into a symlink while the walk runs is skipped.
+ * NOTE: /proc/self/fd exists on Linux only; this runs only when berth runs as root.
+ */
 function chownTree(dir: string, uid: number, gid: number): void {
-  fs.chownSync(dir, uid, gid);
-  for (const entry of fs.readdirSync(dir, { withFileTypes: true })) {
-    const full = `${dir}/${entry.name}`;
-    if (entry.isDirectory()) chownTree(full, uid, gid);
-    else if (entry.isFile()) fs.chownSync(full, uid, gid);
+  let fd: number;
+  try {
+    fd = fs.openSync(dir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY | fs.constants.O_NOFOLLOW);
+  } catch (error) {
+    if (isReplacedEntry(error)) return;
+    throw error;
   }
+
+  try {
+    fs.fchownSync(fd, uid, gid);
+    const opened = `/proc/self/fd/${fd}`;
+    for (const entry of fs.readdirSync(opened, { withFileTypes: true })) {
+      const child = `${opened}/${entry.name}`;
+      if (entry.isDirectory()) chownTree(child, uid, gid);
+      else if (entry.isFile()) chownEntry(child, uid, gid);
+    }
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** lchown changes a symlink itself, so a file swapped for a symlink leaves its target alone. */
+function chownEntry(file: string, uid: number, gid: number): void {
+  try {
+    fs.lchownSync(file, uid, gid);
+  } catch (error) {
+    if (!isReplacedEntry(error)) throw error;
+  }
+}
+
+function isReplacedEntry(error: unknown): boolean {
+  const code = (error as NodeJS.ErrnoException).code;
+  return code === 'ENOENT' || code === 'ELOOP' || code === 'ENOTDIR';
 }

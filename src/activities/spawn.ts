@@ -8,6 +8,7 @@ import { globalDir } from '../paths.js';
 import { clearCloseRequest, clearProcessingClaims, readProcessingClaims } from '../session/session-files.js';
 import type { ActivityDeps } from './deps.js';
 import { asActivity } from './failures.js';
+import { CONTAINER_GID, CONTAINER_UID } from './prepare.js';
 import { loadSessionContext, type SessionContext } from './session-context.js';
 import type { SpawnRequest, SpawnResult } from './types.js';
 
@@ -19,10 +20,8 @@ export const LABELS = {
   workflowRun: 'berth.workflow-run',
 } as const;
 
-let warnedMissingAllowlist = false;
-
 export function createSpawnActivities(deps: ActivityDeps) {
-  const { settings, docker } = deps;
+  const { docker } = deps;
 
   return {
     /**
@@ -60,6 +59,7 @@ export function createSpawnActivities(deps: ActivityDeps) {
           log.info('cleared claims left by a previous container', { sessionId: request.sessionId, count: stale.length });
         }
         clearCloseRequest(context.sessionDir);
+        prepareSessionMounts(context.sessionDir, spec.mounts);
 
         const containerId = await docker.run(spec);
         deps.hostDb.updateSessionContainerStatus(request.sessionId, 'running', new Date().toISOString());
@@ -119,9 +119,12 @@ export function buildRunSpec(deps: ActivityDeps, context: SessionContext, reques
 
   const allowlist = loadMountAllowlist(settings.mountAllowlistPath);
   const extra = config.additionalMounts ?? [];
-  if (extra.length > 0 && allowlist === null && !warnedMissingAllowlist) {
-    warnedMissingAllowlist = true;
-    logger.warn({ allowlist: settings.mountAllowlistPath }, 'no mount allowlist: every additional mount is blocked');
+  if (extra.length > 0 && allowlist === null) {
+    // One warning per spawn, however many mounts: validateMounts below rejects them all in one error.
+    logger.warn(
+      { sessionId: session.id, allowlist: settings.mountAllowlistPath, mounts: extra.length },
+      'no mount allowlist: every additional mount is blocked',
+    );
   }
   const options = { allowlistPath: settings.mountAllowlistPath };
   for (const mount of validateMounts(extra, allowlist, options)) {
@@ -155,15 +158,75 @@ export function buildRunSpec(deps: ActivityDeps, context: SessionContext, reques
   };
 }
 
-/** Provider mounts inside the session folder are trusted; any other source goes through the allowlist. */
+/**
+ * Provider mounts whose real path lies inside the session folder are trusted; any other source goes
+ * through the allowlist. The real path counts because the agent can plant symlinks in its session folder.
+ */
 function validateProviderMount(
   mount: BindMount,
   sessionDirPath: string,
   allowlist: ReturnType<typeof loadMountAllowlist>,
   options: { allowlistPath: string },
 ): BindMount {
-  const source = path.resolve(mount.source);
-  if (source === sessionDirPath || source.startsWith(sessionDirPath + path.sep)) return mount;
+  const source = realPathOrSelf(path.resolve(mount.source));
+  if (isInside(source, realPathOrSelf(sessionDirPath))) return { ...mount, source };
   const checked = validateMount({ hostPath: source, readonly: mount.readonly }, allowlist, options);
   return { source: checked.hostPath, target: mount.target, readonly: checked.readonly };
+}
+
+/**
+ * Creates the mount points of the mounts that land inside /workspace, which Docker would otherwise
+ * create as root-owned folders in the session folder. When berth runs as root, it also hands
+ * writable sources inside the session folder, such as a provider's state folder, to the container's
+ * user. Runs while no container of the session exists. Never follows a symlink, because the agent
+ * can plant symlinks in its session folder. A mount point behind one is left to Docker, which
+ * resolves it inside the container.
+ */
+export function prepareSessionMounts(sessionDirPath: string, mounts: BindMount[]): void {
+  const owner = process.getuid?.() === 0 ? { uid: CONTAINER_UID, gid: CONTAINER_GID } : null;
+  const realSessionDir = realPathOrSelf(sessionDirPath);
+  for (const mount of mounts) {
+    if (owner && !mount.readonly && isInside(realPathOrSelf(mount.source), realSessionDir)) {
+      fs.lchownSync(mount.source, owner.uid, owner.gid);
+    }
+    if (!mount.target.startsWith(`${WORKSPACE}/`) || !isDirectory(mount.source)) continue;
+    createMountPoint(sessionDirPath, path.posix.relative(WORKSPACE, mount.target).split('/'), owner);
+  }
+}
+
+const WORKSPACE = '/workspace';
+
+function createMountPoint(
+  base: string,
+  segments: string[],
+  owner: { uid: number; gid: number } | null,
+): void {
+  let current = base;
+  for (const segment of segments) {
+    current = path.join(current, segment);
+    const stat = fs.lstatSync(current, { throwIfNoEntry: false });
+    if (stat === undefined) {
+      fs.mkdirSync(current);
+      if (owner) fs.lchownSync(current, owner.uid, owner.gid);
+      continue;
+    }
+    if (!stat.isDirectory()) return;
+  }
+}
+
+function isDirectory(file: string): boolean {
+  return fs.statSync(file, { throwIfNoEntry: false })?.isDirectory() ?? false;
+}
+
+function isInside(candidate: string, dir: string): boolean {
+  return candidate === dir || candidate.startsWith(dir + path.sep);
+}
+
+function realPathOrSelf(file: string): string {
+  try {
+    return fs.realpathSync(file);
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return file;
+    throw error;
+  }
 }

@@ -1,4 +1,3 @@
-import { createHash } from 'node:crypto';
 import { Context, log } from '@temporalio/activity';
 import { OutputMarkerParser, type OutputBlock } from '../lifecycle/output-markers.js';
 import { sessionDir } from '../paths.js';
@@ -17,11 +16,6 @@ const OBSERVATION_INTERVAL_MS = 15_000;
 /** A changed heartbeat is reported at most this often, so a busy agent does not flood the history. */
 const HEARTBEAT_REPORT_MIN_INTERVAL_MS = 5_000;
 
-interface SuperviseProgress {
-  /** RFC 3339 time of the last stdout chunk read, to resume `docker logs --since` after a retry. */
-  since?: string;
-}
-
 export function createSuperviseActivities(deps: ActivityDeps) {
   const pollIntervalMs = deps.pollIntervalMs ?? 1000;
 
@@ -30,7 +24,9 @@ export function createSuperviseActivities(deps: ActivityDeps) {
      * Watches a running container until it exits: follows stdout for output
      * blocks (delivered at once), reports heartbeat-file touches and stuck
      * observations to the workflow, and heartbeats to Temporal. A retry after
-     * a worker crash picks the same container up again. Returns the exit.
+     * a worker crash picks the same container up again and reads its stdout
+     * from the start, and the delivered table skips the blocks delivered before.
+     * Returns the exit; never stops or removes the container, even when cancelled.
      */
     async superviseContainer(request: SuperviseRequest): Promise<ContainerExit> {
       return asActivity(() => supervise(deps, request, pollIntervalMs));
@@ -38,30 +34,37 @@ export function createSuperviseActivities(deps: ActivityDeps) {
   };
 }
 
-async function supervise(deps: ActivityDeps, request: SuperviseRequest, pollIntervalMs: number): Promise<ContainerExit> {
+async function supervise(
+  deps: ActivityDeps,
+  request: SuperviseRequest,
+  pollIntervalMs: number,
+): Promise<ContainerExit> {
   const context = Context.current();
   const { sessionId, containerName } = request;
   const session = deps.hostDb.getSession(sessionId);
   const group = deps.hostDb.getAgentGroup(session.agentGroupId);
   const dir = sessionDir(deps.settings, group.folder, sessionId);
-  const progress: SuperviseProgress = (context.info.heartbeatDetails as SuperviseProgress | undefined) ?? {};
 
+  // Stdout is always read from the container's start, so a block's position in
+  // it is stable across retries and can name a block that carries no id.
+  // NOTE: a retry re-reads all of a long-running container's stdout.
   const abort = new AbortController();
   const deliveries: Array<Promise<void>> = [];
+  let blockCount = 0;
   const parser = new OutputMarkerParser({
-    onBlock: (block) => deliveries.push(deliverBlock(deps, dir, sessionId, containerName, block)),
-    onMalformed: (error) => log.warn('malformed output block skipped', { sessionId, containerName, error: error.message }),
+    onBlock: (block) => {
+      blockCount += 1;
+      const id = block.id ?? `stream-${containerName}-${blockCount}`;
+      deliveries.push(deliverBlock(deps, dir, sessionId, containerName, { ...block, id }));
+    },
+    onMalformed: (error) =>
+      log.warn('malformed output block skipped', { sessionId, containerName, error: error.message }),
   });
   const following = deps.docker
-    .followStdout(
-      containerName,
-      (chunk) => {
-        progress.since = new Date().toISOString();
-        parser.push(chunk);
-      },
-      { since: progress.since, signal: abort.signal },
-    )
-    .catch((error: unknown) => log.warn('following container output failed', { sessionId, containerName, error: String(error) }));
+    .followStdout(containerName, (chunk) => parser.push(chunk), { signal: abort.signal })
+    .catch((error: unknown) =>
+      log.warn('following container output failed', { sessionId, containerName, error: String(error) }),
+    );
 
   let lastSent: SessionObservation | null = null;
   try {
@@ -82,16 +85,34 @@ async function supervise(deps: ActivityDeps, request: SuperviseRequest, pollInte
         };
       }
 
-      const observation = observe(dir);
-      if (shouldReport(lastSent, observation)) {
-        await deps.signals.observation(sessionId, observation);
-        lastSent = observation;
-      }
-      context.heartbeat(progress);
+      lastSent = await reportObservation(deps, dir, request, lastSent);
+      context.heartbeat();
       await context.sleep(pollIntervalMs);
     }
   } finally {
     abort.abort();
+  }
+}
+
+/**
+ * Sends an observation when it is due and returns the last one sent. A
+ * failure to read the session files or to signal is logged and tried again
+ * at the next poll, so it never ends the supervision.
+ */
+async function reportObservation(
+  deps: ActivityDeps,
+  dir: string,
+  { sessionId, containerName }: SuperviseRequest,
+  lastSent: SessionObservation | null,
+): Promise<SessionObservation | null> {
+  try {
+    const observation = observe(dir);
+    if (!shouldReport(lastSent, observation)) return lastSent;
+    await deps.signals.observation(sessionId, observation);
+    return observation;
+  } catch (error) {
+    log.warn('session observation failed, will retry', { sessionId, containerName, error: String(error) });
+    return lastSent;
   }
 }
 
@@ -125,12 +146,9 @@ async function deliverBlock(
   dir: string,
   sessionId: string,
   containerName: string,
-  block: OutputBlock,
+  block: OutputBlock & { id: string },
 ): Promise<void> {
-  // A block without an id gets one derived from its content, so a resumed log follow does not deliver it twice.
-  const id =
-    block.id ??
-    `stream-${containerName}-${createHash('sha256').update(JSON.stringify(block.raw)).digest('hex').slice(0, 16)}`;
+  const { id } = block;
   try {
     const delivered = await deps.deliverer.deliver(
       dir,
@@ -150,6 +168,11 @@ async function deliverBlock(
     );
     if (delivered) await deps.signals.activity(sessionId, { source: 'output', at: Date.now() });
   } catch (error) {
-    log.warn('streamed block delivery failed', { sessionId, containerName, messageId: id, error: String(error) });
+    log.warn('streamed block delivery failed', {
+      sessionId,
+      containerName,
+      messageId: id,
+      error: String(error),
+    });
   }
 }

@@ -223,12 +223,17 @@ export class DockerCli {
     throw new ContainerRuntimeError(`Inspecting image ${tag} failed: ${result.stderr.trim()}`);
   }
 
-  /** Runs `docker build`; streams its output to `onOutput` and throws with the output's tail on failure. */
+  /**
+   * Runs `docker build`; streams its output to `onOutput` and throws with the output's tail on failure.
+   * Passes no `--progress`: the legacy builder, which a client without buildx falls back to, rejects
+   * it, and BuildKit prints plain progress anyway when its output is not a terminal. `--force-rm`
+   * makes the legacy builder remove the container of a failed step instead of leaving it behind.
+   */
   async build(
     options: { contextDir: string; dockerfile: string; tag: string; buildArgs: Record<string, string>; labels: Record<string, string> },
     onOutput: (chunk: string) => void,
   ): Promise<void> {
-    const args = ['build', '--progress', 'plain', '--file', options.dockerfile, '--tag', options.tag];
+    const args = ['build', '--force-rm', '--file', options.dockerfile, '--tag', options.tag];
     for (const [key, value] of Object.entries(options.buildArgs)) args.push('--build-arg', `${key}=${value}`);
     for (const [key, value] of Object.entries(options.labels)) args.push('--label', `${key}=${value}`);
     args.push(options.contextDir);

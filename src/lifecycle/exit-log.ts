@@ -6,7 +6,8 @@ import { formatTimestamp } from './timestamps.js';
 
 export type ExitKind = 'clean' | 'sigterm' | 'killed' | 'oom' | 'error';
 
-export type StopReason = 'idle' | 'lifetime' | 'stuck' | 'stop-request' | 'crash' | 'warm-idle-expired' | 'exited';
+export type StopReason =
+  'idle' | 'lifetime' | 'stuck' | 'stop-request' | 'crash' | 'warm-idle-expired' | 'exited';
 
 /** Everything written to one exit log. Times are epoch milliseconds. It carries no environment values. */
 export interface ExitRecord {
@@ -19,7 +20,10 @@ export interface ExitRecord {
   exitCode: number | null;
   oomKilled: boolean;
   stopReason: StopReason;
-  mounts: Array<{ source: string; target: string; readonly: boolean }>;
+  /** The container's bind mounts, or null when they could not be determined (the notes say why). */
+  mounts: Array<{ source: string; target: string; readonly: boolean }> | null;
+  /** Facts about how the record was gathered that a reader needs, such as output that was lost. */
+  notes?: string[];
   stdoutTail: string;
   stderrTail: string;
   /** Whole stdout, or undefined when it was over the size cap and not kept. */
@@ -44,6 +48,8 @@ const MIN_SECRET_LENGTH = 4;
 /** Maximum length of a tail section in the file, in UTF-16 code units. */
 const MAX_TAIL_LENGTH = 64 * 1024;
 const LOG_FILE_PATTERN = /^container-.*\.log$/;
+/** Bytes read from the start of an exit log to find its header lines. */
+const HEADER_READ_BYTES = 8 * 1024;
 
 /**
  * Classifies a container's exit from its code and Docker's `OOMKilled` flag.
@@ -83,6 +89,7 @@ export function renderExitLog(record: ExitRecord, options: ExitLogOptions): stri
 
   const sections = [
     renderHeader(record, meaning, redact),
+    renderNotes(record, redact),
     renderMounts(record, redact),
     renderStopSteps(record, redact),
     renderOutput('stderr', 'tail', tail(record.stderrTail), redact),
@@ -131,6 +138,44 @@ export function writeExitLog(
 
   pruneExitLogs(groupLogsDir, options.keep, path.basename(filePath));
   return filePath;
+}
+
+/**
+ * Returns the path of the newest exit log in `groupLogsDir` whose header names
+ * `containerName`, or null when there is none. Lets a retried caller that can
+ * no longer read the container's output find the log it wrote before.
+ */
+export function findExitLog(groupLogsDir: string, containerName: string): string | null {
+  let names: string[];
+  try {
+    names = fs.readdirSync(groupLogsDir);
+  } catch (error) {
+    if (isErrorCode(error, 'ENOENT')) {
+      return null;
+    }
+    throw error;
+  }
+
+  const headerLine = `${'container:'.padEnd(13)}${containerName}\n`;
+  const matches = names
+    .filter((name) => LOG_FILE_PATTERN.test(name))
+    .sort()
+    .reverse()
+    .map((name) => path.join(groupLogsDir, name))
+    .filter((filePath) => readHead(filePath).includes(headerLine));
+  return matches[0] ?? null;
+}
+
+/** Reads the first HEADER_READ_BYTES of a file, which cover an exit log's header. */
+function readHead(filePath: string): string {
+  const buffer = Buffer.alloc(HEADER_READ_BYTES);
+  const fd = fs.openSync(filePath, 'r');
+  try {
+    const bytesRead = fs.readSync(fd, buffer, 0, HEADER_READ_BYTES, 0);
+    return buffer.subarray(0, bytesRead).toString('utf8');
+  } finally {
+    fs.closeSync(fd);
+  }
 }
 
 /** Bytes of an output stream: the last `maxBytes`, and the whole text while it stays under a larger cap. */
@@ -225,7 +270,18 @@ function renderHeader(record: ExitRecord, meaning: string, redact: (text: string
   return ['=== berth container exit ===', ...lines].join('\n');
 }
 
+function renderNotes(record: ExitRecord, redact: (text: string) => string): string {
+  const notes = record.notes ?? [];
+  if (notes.length === 0) {
+    return '';
+  }
+  return ['=== notes ===', ...notes.map((note) => `  ${redact(note)}`)].join('\n');
+}
+
 function renderMounts(record: ExitRecord, redact: (text: string) => string): string {
+  if (record.mounts === null) {
+    return '=== mounts ===\n  (unknown)';
+  }
   const lines = record.mounts.map(
     (mount) => `  ${redact(mount.source)} -> ${redact(mount.target)} (${mount.readonly ? 'ro' : 'rw'})`,
   );

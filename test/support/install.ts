@@ -40,16 +40,24 @@ export async function startInstallWithWorker(
   options: { workflowBundle?: WorkflowBundleWithSourceMap; workerSettings?: Partial<Settings> } = {},
 ): Promise<InstallWithWorker> {
   const install = await startTestInstall(overrides);
-  const client = await connectClient(install.settings);
+  let client: Client | undefined;
   const deliveries: DeliveredMessage[] = [];
-  const worker = await createBerthWorker({
-    settings: { ...install.settings, ...options.workerSettings },
-    client,
-    sink: new CallbackSink((message) => {
-      deliveries.push(message);
-    }),
-    workflowBundle: options.workflowBundle,
-  });
+  let worker: BerthWorker;
+  try {
+    client = await connectClient(install.settings);
+    worker = await createBerthWorker({
+      settings: { ...install.settings, ...options.workerSettings },
+      client,
+      sink: new CallbackSink((message) => {
+        deliveries.push(message);
+      }),
+      workflowBundle: options.workflowBundle,
+    });
+  } catch (error) {
+    await client?.connection.close();
+    await install.cleanup();
+    throw error;
+  }
   const running = worker.run();
   const hostDb = new HostDb(install.settings.hostDbPath);
 
@@ -77,14 +85,18 @@ export interface CliResult {
   stderr: string;
 }
 
-/** Runs `node bin/berth.js ARGS` against the install; resolves with its exit code and output, never rejects on a non-zero exit. */
+/** Runs `node bin/berth.js ARGS` against the install. Resolves with the exit code and output, also when the code is non-zero. */
 export async function runCli(install: TestInstall, args: string[], timeoutMs = 120_000): Promise<CliResult> {
   try {
-    const { stdout, stderr } = await execFileAsync(process.execPath, [path.join(REPO_ROOT, 'bin/berth.js'), ...args], {
-      cwd: REPO_ROOT,
-      env: { ...process.env, ...install.env },
-      timeout: timeoutMs,
-    });
+    const { stdout, stderr } = await execFileAsync(
+      process.execPath,
+      [path.join(REPO_ROOT, 'bin/berth.js'), ...args],
+      {
+        cwd: REPO_ROOT,
+        env: { ...process.env, ...install.env },
+        timeout: timeoutMs,
+      },
+    );
     return { code: 0, stdout, stderr };
   } catch (error) {
     const failed = error as { code?: unknown; stdout?: string; stderr?: string };
@@ -95,7 +107,14 @@ export async function runCli(install: TestInstall, args: string[], timeoutMs = 1
 
 /** Returns the ids of containers that match a `docker ps` label filter, running ones only unless `all`. */
 export async function dockerPs(label: string, options: { all?: boolean } = {}): Promise<string[]> {
-  const args = ['ps', '--quiet', '--no-trunc', '--filter', `label=${label}`, ...(options.all ? ['--all'] : [])];
+  const args = [
+    'ps',
+    '--quiet',
+    '--no-trunc',
+    '--filter',
+    `label=${label}`,
+    ...(options.all ? ['--all'] : []),
+  ];
   const { stdout } = await execFileAsync('docker', args);
   return stdout.split('\n').filter((line) => line.trim() !== '');
 }
@@ -106,9 +125,9 @@ export async function removeInstallContainers(installId: string): Promise<void> 
   if (ids.length > 0) await execFileAsync('docker', ['rm', '--force', ...ids]);
 }
 
-/** Polls `probe` until it returns a value other than undefined; throws naming `what` after `timeoutMs`. */
+/** Polls `probe` until it returns a value other than undefined. Throws naming `description` after `timeoutMs`. */
 export async function waitFor<T>(
-  what: string,
+  description: string,
   probe: () => Promise<T | undefined> | T | undefined,
   timeoutMs: number,
   intervalMs = 250,
@@ -117,7 +136,7 @@ export async function waitFor<T>(
   for (;;) {
     const value = await probe();
     if (value !== undefined) return value;
-    if (Date.now() > deadline) throw new Error(`Timed out after ${timeoutMs} ms waiting for ${what}.`);
+    if (Date.now() > deadline) throw new Error(`Timed out after ${timeoutMs} ms waiting for ${description}.`);
     await sleep(intervalMs);
   }
 }

@@ -1,0 +1,502 @@
+import { randomUUID } from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+
+import type { LogLevel, LogMetadata, Logger } from '@temporalio/common';
+import { MockActivityEnvironment } from '@temporalio/testing';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+
+import type { ActivityDeps } from '../src/activities/deps.js';
+import { createActivities } from '../src/activities/index.js';
+import { LABELS } from '../src/activities/spawn.js';
+import type { ContainerExit, StopReason, StopStep } from '../src/activities/types.js';
+import { HostDb } from '../src/db/host-db.js';
+import { CallbackSink, Deliverer } from '../src/delivery/deliverer.js';
+import { DockerCli } from '../src/docker/runtime.js';
+import { createOneCli } from '../src/onecli/onecli.js';
+import { groupPaths, sessionDir } from '../src/paths.js';
+import { createDefaultRegistry } from '../src/providers/registry.js';
+import { insertInboundMessage, readUndeliveredMessages } from '../src/session/session-files.js';
+import { loadSettings, type Settings } from '../src/settings.js';
+
+// Graceful stop and per-exit logs against the real Docker engine: each test
+// starts a real agent container, stops it with stopContainer and records the
+// exit with recordExit, both run as activities under MockActivityEnvironment.
+
+const BASE_IMAGE = 'berth-agent:latest';
+/** Stands in for a OneCLI API key. It must never reach an exit log. */
+const FAKE_API_KEY = `onecli-test-key-${randomUUID()}`;
+const GRACE_MS = 3000;
+
+/** Discards Temporal's activity logs, which the assertions here do not read. */
+const quietLogger: Logger = {
+  log: (_level: LogLevel, _message: string, _meta?: LogMetadata) => undefined,
+  trace: () => undefined,
+  debug: () => undefined,
+  info: () => undefined,
+  warn: () => undefined,
+  error: () => undefined,
+};
+
+interface Harness {
+  settings: Settings;
+  hostDb: HostDb;
+  docker: DockerCli;
+  activities: ReturnType<typeof createActivities>;
+  sessionId: string;
+  folder: string;
+  sessionDir: string;
+  logsDir: string;
+  dataDir: string;
+}
+
+const docker = new DockerCli();
+const harnesses: Harness[] = [];
+const builtImages: string[] = [];
+
+/** Creates a temp data dir, a host database with one group and session, and the real activities. */
+function createHarness(env: Record<string, string> = {}): Harness {
+  const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'berth-stop-'));
+  const settings = loadSettings({
+    ...process.env,
+    BERTH_DATA_DIR: dataDir,
+    BERTH_MOUNT_ALLOWLIST: path.join(dataDir, 'no-such-allowlist.json'),
+    ONECLI_API_KEY: FAKE_API_KEY,
+    ...env,
+  });
+  const hostDb = new HostDb(settings.hostDbPath);
+  const deps: ActivityDeps = {
+    settings,
+    hostDb,
+    docker,
+    oneCli: createOneCli({ url: undefined, requireCredentials: false }),
+    providers: createDefaultRegistry(),
+    signals: { activity: async () => undefined, observation: async () => undefined },
+    deliverer: new Deliverer(new CallbackSink(() => undefined)),
+    pollIntervalMs: 200,
+  };
+
+  const folder = `stop-${randomUUID().slice(0, 8)}`;
+  const group = hostDb.ensureAgentGroup(folder);
+  const session = hostDb.ensureSession(group.id, null);
+  const harness: Harness = {
+    settings,
+    hostDb,
+    docker,
+    activities: createActivities(deps),
+    sessionId: session.id,
+    folder,
+    sessionDir: sessionDir(settings, folder, session.id),
+    logsDir: groupPaths(settings, folder).logsDir,
+    dataDir,
+  };
+  harnesses.push(harness);
+  return harness;
+}
+
+async function removeHarness(harness: Harness): Promise<void> {
+  for (const container of await docker.list({ [LABELS.install]: harness.settings.installId })) {
+    await docker.remove(container.name);
+  }
+  harness.hostDb.close();
+  fs.rmSync(harness.dataDir, { recursive: true, force: true });
+}
+
+/** Builds `FROM berth-agent:latest` with the given environment, so a test gets an agent that misbehaves on purpose. */
+async function buildVariant(name: string, env: Record<string, string>): Promise<string> {
+  const tag = `berth-test-stop-${name}:${randomUUID().slice(0, 8)}`;
+  const contextDir = fs.mkdtempSync(path.join(os.tmpdir(), 'berth-variant-'));
+  try {
+    const envLine = Object.entries(env)
+      .map(([key, value]) => `${key}=${value}`)
+      .join(' ');
+    fs.writeFileSync(path.join(contextDir, 'Dockerfile'), `FROM ${BASE_IMAGE}\nENV ${envLine}\n`);
+    await docker.build(
+      { contextDir, dockerfile: path.join(contextDir, 'Dockerfile'), tag, buildArgs: {}, labels: {} },
+      () => undefined,
+    );
+  } finally {
+    fs.rmSync(contextDir, { recursive: true, force: true });
+  }
+  builtImages.push(tag);
+  return tag;
+}
+
+function runActivity<A extends unknown[], R>(fn: (...args: A) => Promise<R>, ...args: A): Promise<R> {
+  return new MockActivityEnvironment(undefined, { logger: quietLogger }).run(fn, ...args);
+}
+
+interface Started {
+  containerName: string;
+  image: string;
+  startedAt: number;
+}
+
+/** Runs initFilesystem and spawnContainer, as a wake does. */
+async function startAgent(harness: Harness, image: string): Promise<Started> {
+  const { activities, sessionId } = harness;
+  await runActivity(activities.initFilesystem, { sessionId });
+  const containerName = `berth-test-stop-${randomUUID().slice(0, 12)}`;
+  const spawned = await runActivity(activities.spawnContainer, {
+    sessionId,
+    containerName,
+    image,
+    provider: 'claude',
+    adminUserIds: [],
+    workflowRunId: 'test-run',
+  });
+  return { containerName, image, startedAt: spawned.startedAt };
+}
+
+/** Inserts a chat message and waits until the agent has written its reply to outbound.db. */
+async function sendAndAwaitReply(harness: Harness, text: string): Promise<string> {
+  const id = `msg-${randomUUID()}`;
+  insertInboundMessage(harness.sessionDir, { id, kind: 'chat', content: { text } });
+  await waitFor(
+    () => readUndeliveredMessages(harness.sessionDir).some((message) => message.inReplyTo === id),
+    `the agent's reply to ${id}`,
+  );
+  return id;
+}
+
+async function waitFor(
+  probe: () => boolean | Promise<boolean>,
+  what: string,
+  timeoutMs = 60_000,
+): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await probe())) {
+    if (Date.now() > deadline) throw new Error(`Timed out after ${timeoutMs} ms waiting for ${what}.`);
+    await new Promise((resolve) => setTimeout(resolve, 200));
+  }
+}
+
+/** Reads the exit of a container that has stopped, as superviseContainer would report it. */
+async function exitOf(containerName: string): Promise<ContainerExit> {
+  const info = await docker.inspect(containerName);
+  if (info === null) throw new Error(`Container ${containerName} is gone before its exit was read.`);
+  expect(info.state).toBe('exited');
+  return {
+    exitCode: info.exitCode,
+    oomKilled: info.oomKilled,
+    finishedAt: info.finishedAt ? Date.parse(info.finishedAt) : Date.now(),
+    inspected: true,
+  };
+}
+
+async function stopAgent(harness: Harness, started: Started, reason = 'idle'): Promise<StopStep[]> {
+  const { steps } = await runActivity(harness.activities.stopContainer, {
+    sessionId: harness.sessionId,
+    containerName: started.containerName,
+    graceMs: GRACE_MS,
+    closeRequest: true,
+    reason,
+  });
+  return steps;
+}
+
+async function recordExit(
+  harness: Harness,
+  started: Started,
+  exit: ContainerExit,
+  stopSteps: StopStep[],
+  stopReason: StopReason = 'idle',
+) {
+  return runActivity(harness.activities.recordExit, {
+    sessionId: harness.sessionId,
+    containerName: started.containerName,
+    image: started.image,
+    startedAt: started.startedAt,
+    exit,
+    stopReason,
+    stopSteps,
+    failedClaims: false,
+    messageRetry: { maxAttempts: 3, backoffMs: 1000 },
+  });
+}
+
+function exitLogFiles(harness: Harness): string[] {
+  if (!fs.existsSync(harness.logsDir)) return [];
+  return fs
+    .readdirSync(harness.logsDir)
+    .filter((name) => /^container-.*\.log$/.test(name))
+    .sort();
+}
+
+/** Returns the value of one `label: value` line of an exit log's header. */
+function headerValue(log: string, label: string): string | undefined {
+  const line = log.split('\n').find((row) => row.startsWith(`${label}:`));
+  return line?.slice(label.length + 1).trim();
+}
+
+const stepsOf = (steps: StopStep[]) => steps.map(({ step, outcome }) => `${step}: ${outcome}`);
+
+let ignoresClose: string;
+let defaultSigterm: string;
+let ignoresAll: string;
+let reportsEnv: string;
+
+beforeAll(async () => {
+  ignoresClose = await buildVariant('ignore-close', { AGENT_IGNORE_CLOSE_REQUEST: '1' });
+  defaultSigterm = await buildVariant('default-sigterm', {
+    AGENT_IGNORE_CLOSE_REQUEST: '1',
+    AGENT_DEFAULT_SIGTERM: '1',
+  });
+  ignoresAll = await buildVariant('ignore-all', {
+    AGENT_IGNORE_CLOSE_REQUEST: '1',
+    AGENT_IGNORE_SIGTERM: '1',
+  });
+  // A key that the gateway handed to the container shows up in the contract-check report on stdout.
+  reportsEnv = await buildVariant('reports-env', {
+    AGENT_IGNORE_CLOSE_REQUEST: '1',
+    AGENT_IGNORE_SIGTERM: '1',
+    AGENT_MODE: 'contract-check',
+    ONECLI_API_KEY: FAKE_API_KEY,
+  });
+});
+
+afterEach(async () => {
+  for (const harness of harnesses.splice(0)) await removeHarness(harness);
+});
+
+afterAll(async () => {
+  for (const tag of builtImages) await docker.exec(['image', 'rm', '--force', tag]);
+});
+
+describe('stopContainer', () => {
+  it('close request ends the agent cleanly', async () => {
+    const harness = createHarness();
+    const started = await startAgent(harness, BASE_IMAGE);
+    await sendAndAwaitReply(harness, 'hello before the stop');
+
+    const steps = await stopAgent(harness, started);
+    const recorded = await recordExit(harness, started, await exitOf(started.containerName), steps);
+
+    expect(stepsOf(steps)).toEqual(['close-request: written', 'close-request: exited by itself']);
+    expect(recorded.exitKind).toBe('clean');
+    const log = fs.readFileSync(recorded.logPath, 'utf8');
+    expect(headerValue(log, 'exit code')).toBe('0');
+    expect(headerValue(log, 'meaning')).toBe('exited cleanly');
+  });
+
+  it('SIGTERM stops an agent that ignores the close request', async () => {
+    const harness = createHarness();
+    const started = await startAgent(harness, ignoresClose);
+
+    const steps = await stopAgent(harness, started);
+    const exit = await exitOf(started.containerName);
+    const recorded = await recordExit(harness, started, exit, steps);
+
+    // The reference agent handles SIGTERM and exits with code 0.
+    expect(stepsOf(steps).slice(0, 2)).toEqual([
+      'close-request: written',
+      `close-request: still running after ${GRACE_MS} ms`,
+    ]);
+    expect(steps.map((step) => step.step)).toContain('sigterm');
+    expect(exit.exitCode).toBe(0);
+    expect(recorded.exitKind).toBe('clean');
+  });
+
+  it('unhandled SIGTERM exits with 143', async () => {
+    const harness = createHarness();
+    const started = await startAgent(harness, defaultSigterm);
+
+    const steps = await stopAgent(harness, started);
+    const exit = await exitOf(started.containerName);
+    const recorded = await recordExit(harness, started, exit, steps);
+
+    expect(exit.exitCode).toBe(143);
+    expect(recorded.exitKind).toBe('sigterm');
+    const log = fs.readFileSync(recorded.logPath, 'utf8');
+    expect(headerValue(log, 'meaning')).toBe('stopped by SIGTERM (exit code 143)');
+  });
+
+  it('agent ignoring SIGTERM is killed', async () => {
+    const harness = createHarness();
+    const started = await startAgent(harness, ignoresAll);
+
+    const steps = await stopAgent(harness, started);
+    const exit = await exitOf(started.containerName);
+    const recorded = await recordExit(harness, started, exit, steps);
+
+    expect(exit.exitCode).toBe(137);
+    expect(exit.oomKilled).toBe(false);
+    expect(recorded.exitKind).toBe('killed');
+    expect(stepsOf(steps).at(-1)).toContain('killed');
+    const log = fs.readFileSync(recorded.logPath, 'utf8');
+    expect(headerValue(log, 'meaning')).toBe('killed by SIGKILL (exit code 137)');
+  });
+
+  it('container already gone counts as stopped', async () => {
+    const harness = createHarness();
+    const started = await startAgent(harness, BASE_IMAGE);
+    const steps = await stopAgent(harness, started);
+    await recordExit(harness, started, await exitOf(started.containerName), steps);
+
+    const again = await stopAgent(harness, started);
+
+    expect(await docker.inspect(started.containerName)).toBeNull();
+    expect(stepsOf(again)).toEqual(['check: already stopped']);
+  });
+
+  it('never-started container counts as stopped', async () => {
+    const harness = createHarness();
+
+    const steps = await stopAgent(harness, {
+      containerName: 'berth-test-never-started',
+      image: BASE_IMAGE,
+      startedAt: 0,
+    });
+
+    expect(stepsOf(steps)).toEqual(['check: already stopped']);
+  });
+});
+
+describe('recordExit', () => {
+  it('writes a log under the group folder', async () => {
+    const harness = createHarness();
+    const started = await startAgent(harness, BASE_IMAGE);
+    await sendAndAwaitReply(harness, 'hello');
+    const steps = await stopAgent(harness, started);
+
+    const recorded = await recordExit(harness, started, await exitOf(started.containerName), steps);
+
+    expect(path.dirname(recorded.logPath)).toBe(
+      path.join(harness.settings.groupsDir, harness.folder, 'logs'),
+    );
+    expect(exitLogFiles(harness)).toEqual([path.basename(recorded.logPath)]);
+  });
+
+  it('names the container, its exit and its mounts', async () => {
+    const harness = createHarness();
+    const started = await startAgent(harness, BASE_IMAGE);
+    await sendAndAwaitReply(harness, 'hello');
+    const steps = await stopAgent(harness, started);
+
+    const recorded = await recordExit(harness, started, await exitOf(started.containerName), steps);
+    const log = fs.readFileSync(recorded.logPath, 'utf8');
+
+    expect(headerValue(log, 'session')).toBe(harness.sessionId);
+    expect(headerValue(log, 'container')).toBe(started.containerName);
+    expect(headerValue(log, 'image')).toBe(BASE_IMAGE);
+    expect(headerValue(log, 'duration')).toMatch(/^\d+\.\d{3} s$/);
+    expect(headerValue(log, 'exit code')).toBe('0');
+    expect(headerValue(log, 'meaning')).toBe('exited cleanly');
+    expect(headerValue(log, 'stop reason')).toBe('idle');
+    expect(log).toContain(`${harness.sessionDir} -> /workspace (rw)`);
+    expect(log).toContain('=== stop steps ===');
+    expect(log).toMatch(/=== stdout \(tail\) ===\n---NANOCLAW_OUTPUT_START---/);
+    expect(log).toMatch(/=== stderr \(tail\) ===\n\[agent\] started/);
+  });
+
+  it('removes the container', async () => {
+    const harness = createHarness();
+    const started = await startAgent(harness, BASE_IMAGE);
+    const steps = await stopAgent(harness, started);
+
+    await recordExit(harness, started, await exitOf(started.containerName), steps);
+
+    expect(await docker.inspect(started.containerName)).toBeNull();
+  });
+
+  it('keeps full output only for a non-zero exit', async () => {
+    const clean = createHarness();
+    const cleanStart = await startAgent(clean, BASE_IMAGE);
+    const cleanSteps = await stopAgent(clean, cleanStart);
+    const killed = createHarness();
+    const killedStart = await startAgent(killed, ignoresAll);
+    const killedSteps = await stopAgent(killed, killedStart);
+
+    const cleanLog = await recordExit(clean, cleanStart, await exitOf(cleanStart.containerName), cleanSteps);
+    const killedLog = await recordExit(
+      killed,
+      killedStart,
+      await exitOf(killedStart.containerName),
+      killedSteps,
+    );
+
+    expect(fs.readFileSync(cleanLog.logPath, 'utf8')).not.toContain('(full) ===');
+    const killedText = fs.readFileSync(killedLog.logPath, 'utf8');
+    expect(killedText).toContain('=== stdout (full) ===');
+    expect(killedText).toContain('=== stderr (full) ===');
+  });
+
+  it('omits message text', async () => {
+    const harness = createHarness();
+    const started = await startAgent(harness, ignoresAll);
+    const secretText = `meet at the ${randomUUID()} pier`;
+    await sendAndAwaitReply(harness, secretText);
+    const steps = await stopAgent(harness, started);
+
+    const recorded = await recordExit(harness, started, await exitOf(started.containerName), steps);
+    const log = fs.readFileSync(recorded.logPath, 'utf8');
+
+    expect(log).toContain('=== stdout (full) ===');
+    expect(log).toContain('echo: [redacted]');
+    expect(log).not.toContain(secretText);
+  });
+
+  it('omits the OneCLI API key', async () => {
+    const harness = createHarness();
+    const started = await startAgent(harness, reportsEnv);
+    await sendAndAwaitReply(harness, 'report your environment');
+    const steps = await stopAgent(harness, started);
+
+    const recorded = await recordExit(harness, started, await exitOf(started.containerName), steps);
+    const log = fs.readFileSync(recorded.logPath, 'utf8');
+
+    expect(harness.settings.onecli.apiKey).toBe(FAKE_API_KEY);
+    expect(log).toContain('ONECLI_API_KEY');
+    expect(log).not.toContain(FAKE_API_KEY);
+  });
+
+  it('retry after removal writes no second log', async () => {
+    const harness = createHarness();
+    const started = await startAgent(harness, BASE_IMAGE);
+    await sendAndAwaitReply(harness, 'hello');
+    const steps = await stopAgent(harness, started);
+    const exit = await exitOf(started.containerName);
+
+    const first = await recordExit(harness, started, exit, steps);
+    const retry = await recordExit(harness, started, exit, steps);
+
+    expect(retry.logPath).toBe(first.logPath);
+    expect(exitLogFiles(harness)).toEqual([path.basename(first.logPath)]);
+    expect(fs.readFileSync(first.logPath, 'utf8')).toContain('---NANOCLAW_OUTPUT_START---');
+  });
+
+  it('survives a container.json broken after spawn', async () => {
+    const harness = createHarness();
+    const started = await startAgent(harness, BASE_IMAGE);
+    const steps = await stopAgent(harness, started);
+    fs.writeFileSync(groupPaths(harness.settings, harness.folder).containerJson, '{ "idleTimeoutSeconds": ');
+
+    const recorded = await recordExit(harness, started, await exitOf(started.containerName), steps);
+
+    expect(await docker.inspect(started.containerName)).toBeNull();
+    const log = fs.readFileSync(recorded.logPath, 'utf8');
+    expect(headerValue(log, 'container')).toBe(started.containerName);
+    expect(log).toContain('=== mounts ===\n  (unknown)');
+    expect(log).toContain(`Mounts unknown: Invalid JSON in ${groupPaths(harness.settings, harness.folder).containerJson}`);
+  });
+
+  it('retention keeps the newest logs', async () => {
+    const harness = createHarness({ BERTH_EXIT_LOGS_KEPT: '2' });
+    await runActivity(harness.activities.initFilesystem, { sessionId: harness.sessionId });
+    const endings = [Date.UTC(2026, 0, 1, 10), Date.UTC(2026, 0, 1, 11), Date.UTC(2026, 0, 1, 12)];
+
+    const paths: string[] = [];
+    for (const [index, finishedAt] of endings.entries()) {
+      const started = {
+        containerName: `berth-test-gone-${index}`,
+        image: BASE_IMAGE,
+        startedAt: finishedAt - 1000,
+      };
+      const exit = { exitCode: 0, oomKilled: false, finishedAt, inspected: true };
+      paths.push((await recordExit(harness, started, exit, [])).logPath);
+    }
+
+    expect(exitLogFiles(harness)).toEqual(paths.slice(1).map((file) => path.basename(file)));
+  });
+});

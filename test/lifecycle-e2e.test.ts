@@ -1,0 +1,208 @@
+import { randomUUID } from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+
+import Database from 'better-sqlite3';
+import type { Client } from '@temporalio/client';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+
+import { LABELS } from '../src/activities/spawn.js';
+import { sendMessage, type QueuedMessage } from '../src/cli/commands.js';
+import { connectClient, sessionStatus, stopSession } from '../src/client/session-client.js';
+import { HostDb } from '../src/db/host-db.js';
+import { CallbackSink, type DeliveredMessage } from '../src/delivery/deliverer.js';
+import { DockerCli } from '../src/docker/runtime.js';
+import { groupPaths } from '../src/paths.js';
+import { inboundPath, readProcessingClaims } from '../src/session/session-files.js';
+import { createBerthWorker, type BerthWorker } from '../src/worker.js';
+import type { SessionStatus } from '../src/workflows/status.js';
+import { bundleWorkflows, startTestInstall, type TestInstall } from './support/temporal.js';
+
+// The container lifecycle end to end: a real Temporal dev server, a berth
+// worker in this process, the real Docker engine and agent images. Each test
+// uses its own agent group, so the tests do not depend on one another.
+
+const BASE_IMAGE = 'berth-agent:latest';
+const GLOBAL_IDLE_TIMEOUT_SECONDS = 6;
+const WAIT_MS = 90_000;
+
+const docker = new DockerCli();
+const delivered: DeliveredMessage[] = [];
+let install: TestInstall;
+let client: Client;
+let worker: BerthWorker;
+let workerRun: Promise<void>;
+let hostDb: HostDb;
+let hangsOnMessage: string;
+
+/** Builds `FROM berth-agent:latest` with the given environment, so a test gets an agent that misbehaves on purpose. */
+async function buildVariant(name: string, env: Record<string, string>): Promise<string> {
+  const tag = `berth-test-e2e-${name}:${randomUUID().slice(0, 8)}`;
+  const contextDir = fs.mkdtempSync(path.join(os.tmpdir(), 'berth-variant-'));
+  try {
+    const envLine = Object.entries(env)
+      .map(([key, value]) => `${key}=${value}`)
+      .join(' ');
+    fs.writeFileSync(path.join(contextDir, 'Dockerfile'), `FROM ${BASE_IMAGE}\nENV ${envLine}\n`);
+    await docker.build(
+      { contextDir, dockerfile: path.join(contextDir, 'Dockerfile'), tag, buildArgs: {}, labels: {} },
+      () => undefined,
+    );
+  } finally {
+    fs.rmSync(contextDir, { recursive: true, force: true });
+  }
+  return tag;
+}
+
+async function waitFor<T>(probe: () => Promise<T | undefined> | T | undefined, what: string): Promise<T> {
+  const deadline = Date.now() + WAIT_MS;
+  for (;;) {
+    const value = await probe();
+    if (value !== undefined) return value;
+    if (Date.now() > deadline) throw new Error(`Timed out after ${WAIT_MS} ms waiting for ${what}.`);
+    await new Promise((resolve) => setTimeout(resolve, 250));
+  }
+}
+
+/** Creates the agent group with the given container.json, before its first message creates the session. */
+function configureGroup(folder: string, config: object): void {
+  hostDb.ensureAgentGroup(folder);
+  const { groupDir, containerJson } = groupPaths(install.settings, folder);
+  fs.mkdirSync(groupDir, { recursive: true });
+  fs.writeFileSync(containerJson, JSON.stringify(config));
+}
+
+function send(folder: string, text: string): Promise<QueuedMessage> {
+  return sendMessage(install.settings, hostDb, client, { folder, text });
+}
+
+function awaitReply(queued: QueuedMessage): Promise<DeliveredMessage> {
+  return waitFor(
+    () => delivered.find((message) => message.inReplyTo === queued.messageId),
+    `the reply to ${queued.messageId}`,
+  );
+}
+
+function awaitExit(queued: QueuedMessage): Promise<SessionStatus> {
+  return waitFor(async () => {
+    const status = await sessionStatus(client, queued.session.id);
+    return status.lastExit !== null && status.state === 'idle' ? status : undefined;
+  }, `the exit of session ${queued.session.id}`);
+}
+
+/** Returns the value of one `label: value` line of an exit log's header. */
+function headerValue(log: string, label: string): string | undefined {
+  const line = log.split('\n').find((row) => row.startsWith(`${label}:`));
+  return line?.slice(label.length + 1).trim();
+}
+
+function inboundRow(queued: QueuedMessage): { tries: number; status: string; processAfter: string | null } {
+  const db = new Database(inboundPath(queued.sessionDir), { readonly: true });
+  try {
+    return db
+      .prepare('SELECT tries, status, process_after AS processAfter FROM messages_in WHERE id = ?')
+      .get(queued.messageId) as { tries: number; status: string; processAfter: string | null };
+  } finally {
+    db.close();
+  }
+}
+
+beforeAll(async () => {
+  hangsOnMessage = await buildVariant('hang', { AGENT_HEARTBEAT: '0', AGENT_HANG_ON_MESSAGE: '1' });
+  install = await startTestInstall({
+    BERTH_IDLE_TIMEOUT_SECONDS: String(GLOBAL_IDLE_TIMEOUT_SECONDS),
+    BERTH_STOP_GRACE_SECONDS: '2',
+    BERTH_STUCK_CHECK_SECONDS: '2',
+    // Supervision reports a changed observation at most every 5 s, so a
+    // ceiling below that could judge an agent by an observation made before
+    // it took its message. The stuck group below sets its own, shorter limits.
+    BERTH_HEARTBEAT_CEILING_SECONDS: '30',
+  });
+  client = await connectClient(install.settings);
+  hostDb = new HostDb(install.settings.hostDbPath);
+  worker = await createBerthWorker({
+    settings: install.settings,
+    client,
+    sink: new CallbackSink((message) => void delivered.push(message)),
+    workflowBundle: await bundleWorkflows(),
+  });
+  workerRun = worker.run();
+}, 300_000);
+
+afterAll(async () => {
+  if (install) {
+    for (const container of await docker.list({ [LABELS.install]: install.settings.installId })) {
+      await docker.remove(container.name);
+    }
+  }
+  await worker?.shutdown();
+  await workerRun;
+  hostDb?.close();
+  await client?.connection.close();
+  await install?.cleanup();
+  if (hangsOnMessage) await docker.exec(['image', 'rm', '--force', hangsOnMessage]);
+}, 120_000);
+
+describe('session lifecycle end to end', () => {
+  it('answers, then stops at the idle timeout', async () => {
+    const queued = await send('e2e-idle', 'hello lifecycle');
+
+    const reply = await awaitReply(queued);
+    const status = await awaitExit(queued);
+
+    expect(reply.text).toBe('echo: hello lifecycle');
+    expect(status.lastExit).toMatchObject({ reason: 'idle', exitKind: 'clean', exitCode: 0 });
+    const log = fs.readFileSync(status.lastExit!.logPath, 'utf8');
+    expect(path.dirname(status.lastExit!.logPath)).toBe(groupPaths(install.settings, 'e2e-idle').logsDir);
+    expect(headerValue(log, 'stop reason')).toBe('idle');
+    expect(headerValue(log, 'session')).toBe(queued.session.id);
+    expect(log).toContain('close-request: exited by itself');
+    expect(await docker.inspect(headerValue(log, 'container')!)).toBeNull();
+  });
+
+  it('stops a stuck agent and retries its message', async () => {
+    configureGroup('e2e-stuck', {
+      imageTag: hangsOnMessage,
+      idleTimeoutSeconds: 300,
+      stuck: { claimToleranceSeconds: 2, heartbeatCeilingSeconds: 4, spawnGraceSeconds: 0 },
+      messageRetry: { maxAttempts: 3, backoffSeconds: 60 },
+    });
+    const queued = await send('e2e-stuck', 'this one hangs the agent');
+
+    const status = await awaitExit(queued);
+
+    expect(status.lastExit).toMatchObject({
+      reason: 'stuck',
+      exitKind: 'killed',
+      exitCode: 137,
+      failedMessages: [],
+    });
+    expect(status.lastError).toMatch(/^stopped as stuck: /);
+    const log = fs.readFileSync(status.lastExit!.logPath, 'utf8');
+    expect(headerValue(log, 'stop reason')).toBe('stuck');
+    expect(headerValue(log, 'image')).toBe(hangsOnMessage);
+    expect(readProcessingClaims(queued.sessionDir)).toEqual([]);
+    const row = inboundRow(queued);
+    expect(row).toMatchObject({ tries: 1, status: 'pending' });
+    expect(Date.parse(row.processAfter!)).toBeGreaterThan(status.lastExit!.at);
+    expect(delivered.filter((message) => message.inReplyTo === queued.messageId)).toEqual([]);
+  });
+
+  it('group idle timeout overrides the global one', async () => {
+    const groupIdleSeconds = 45;
+    configureGroup('e2e-override', { idleTimeoutSeconds: groupIdleSeconds });
+    const queued = await send('e2e-override', 'hello override');
+    await awaitReply(queued);
+
+    const running = await waitFor(async () => {
+      const status = await sessionStatus(client, queued.session.id);
+      return status.state === 'running' && status.nextDeadline?.kind === 'idle' ? status : undefined;
+    }, 'the running session with an idle deadline');
+    await stopSession(client, queued.session.id, 'test finished');
+    const stopped = await awaitExit(queued);
+
+    expect(running.nextDeadline!.at - running.lastActivityAt!).toBe(groupIdleSeconds * 1000);
+    expect(stopped.lastExit).toMatchObject({ reason: 'stop-request', exitKind: 'clean' });
+  });
+});
