@@ -155,6 +155,8 @@ describe('docker unreachable', () => {
     expect(sent.code, sent.stderr).toBe(0);
     ({ sessionId, messageId: firstMessageId } = queuedFrom(sent.stderr));
 
+    // NOTE: ensureImage gives up after 3 attempts (about 3 s), so this poll must land inside that window
+    // until the session workflow retries a Docker outage for longer.
     const summary = await waitFor(
       'a retrying activity in berth status',
       async () => {

@@ -478,7 +478,9 @@ describe('recordExit', () => {
     const log = fs.readFileSync(recorded.logPath, 'utf8');
     expect(headerValue(log, 'container')).toBe(started.containerName);
     expect(log).toContain('=== mounts ===\n  (unknown)');
-    expect(log).toContain(`Mounts unknown: Invalid JSON in ${groupPaths(harness.settings, harness.folder).containerJson}`);
+    expect(log).toContain(
+      `Mounts unknown: Invalid JSON in ${groupPaths(harness.settings, harness.folder).containerJson}`,
+    );
   });
 
   it('retention keeps the newest logs', async () => {

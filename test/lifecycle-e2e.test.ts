@@ -182,6 +182,9 @@ describe('session lifecycle end to end', () => {
     const log = fs.readFileSync(status.lastExit!.logPath, 'utf8');
     expect(headerValue(log, 'stop reason')).toBe('stuck');
     expect(headerValue(log, 'image')).toBe(hangsOnMessage);
+    // A stuck agent gets no close request: the stop starts at SIGTERM.
+    expect(log).not.toContain('close-request:');
+    expect(log).toContain('docker-stop: killed by SIGKILL (exit code 137)');
     expect(readProcessingClaims(queued.sessionDir)).toEqual([]);
     const row = inboundRow(queued);
     expect(row).toMatchObject({ tries: 1, status: 'pending' });

@@ -53,7 +53,7 @@ export class DockerCli {
   /** Runs `docker ARGS`; returns its output whatever the exit code, throws only when docker cannot start. */
   exec(args: string[], options: { input?: string; onOutput?: (chunk: string) => void } = {}): Promise<CommandResult> {
     return new Promise((resolve, reject) => {
-      const child = spawn(this.binary, args, { stdio: ['pipe', 'pipe', 'pipe'] });
+      const child = spawn(this.binary, args, { stdio: [options.input === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe'] });
       let stdout = '';
       let stderr = '';
       child.stdout.setEncoding('utf8').on('data', (chunk: string) => {
@@ -68,7 +68,11 @@ export class DockerCli {
         reject(new ContainerRuntimeError(`Could not run "${this.binary}": ${error.message}. Is Docker installed?`, { cause: error })),
       );
       child.on('close', (code) => resolve({ stdout, stderr, exitCode: code ?? -1 }));
-      child.stdin.end(options.input ?? '');
+      if (child.stdin) {
+        // A binary that exits without reading its input makes the write fail with EPIPE; its exit code tells the rest.
+        child.stdin.on('error', (error) => logger.debug({ err: error, args: args[0] }, 'docker stdin write failed'));
+        child.stdin.end(options.input);
+      }
     });
   }
 
