@@ -53,14 +53,15 @@ export class DockerCli {
   /** Runs `docker ARGS`; returns its output whatever the exit code, throws only when docker cannot start. */
   exec(args: string[], options: { input?: string; onOutput?: (chunk: string) => void } = {}): Promise<CommandResult> {
     return new Promise((resolve, reject) => {
-      const child = spawn(this.binary, args, { stdio: [options.input === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe'] });
+      const stdin = options.input === undefined ? 'ignore' : 'pipe';
+      const child = spawn(this.binary, args, { stdio: [stdin, 'pipe', 'pipe'] as const });
       let stdout = '';
       let stderr = '';
-      child.stdout.setEncoding('utf8').on('data', (chunk: string) => {
+      child.stdout!.setEncoding('utf8').on('data', (chunk: string) => {
         stdout += chunk;
         options.onOutput?.(chunk);
       });
-      child.stderr.setEncoding('utf8').on('data', (chunk: string) => {
+      child.stderr!.setEncoding('utf8').on('data', (chunk: string) => {
         stderr += chunk;
         options.onOutput?.(chunk);
       });
