@@ -162,12 +162,12 @@ async function sendAndAwaitReply(harness: Harness, text: string): Promise<string
 
 async function waitFor(
   probe: () => boolean | Promise<boolean>,
-  what: string,
+  description: string,
   timeoutMs = 60_000,
 ): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (!(await probe())) {
-    if (Date.now() > deadline) throw new Error(`Timed out after ${timeoutMs} ms waiting for ${what}.`);
+    if (Date.now() > deadline) throw new Error(`Timed out after ${timeoutMs} ms waiting for ${description}.`);
     await new Promise((resolve) => setTimeout(resolve, 200));
   }
 }
@@ -280,7 +280,7 @@ describe('stopContainer', () => {
     expect(headerValue(log, 'meaning')).toBe('exited cleanly');
   });
 
-  it('SIGTERM stops an agent that ignores the close request', async () => {
+  it('SIGTERM stops agent ignoring close request', async () => {
     const harness = createHarness();
     const started = await startAgent(harness, ignoresClose);
 

@@ -55,12 +55,15 @@ async function buildVariant(name: string, env: Record<string, string>): Promise<
   return tag;
 }
 
-async function waitFor<T>(probe: () => Promise<T | undefined> | T | undefined, what: string): Promise<T> {
+async function waitFor<T>(
+  probe: () => Promise<T | undefined> | T | undefined,
+  description: string,
+): Promise<T> {
   const deadline = Date.now() + WAIT_MS;
   for (;;) {
     const value = await probe();
     if (value !== undefined) return value;
-    if (Date.now() > deadline) throw new Error(`Timed out after ${WAIT_MS} ms waiting for ${what}.`);
+    if (Date.now() > deadline) throw new Error(`Timed out after ${WAIT_MS} ms waiting for ${description}.`);
     await new Promise((resolve) => setTimeout(resolve, 250));
   }
 }

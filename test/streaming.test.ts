@@ -181,12 +181,12 @@ function sendMessage(harness: Harness, text: string): string {
 
 async function waitFor(
   probe: () => boolean | Promise<boolean>,
-  what: string,
+  description: string,
   timeoutMs = 60_000,
 ): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (!(await probe())) {
-    if (Date.now() > deadline) throw new Error(`Timed out after ${timeoutMs} ms waiting for ${what}.`);
+    if (Date.now() > deadline) throw new Error(`Timed out after ${timeoutMs} ms waiting for ${description}.`);
     await new Promise((resolve) => setTimeout(resolve, 200));
   }
 }

@@ -16,10 +16,10 @@
 //                               process by the signal (exit code 143 under an init)
 //   AGENT_EXIT_AFTER_MS=N       exit with code 3 after N milliseconds
 //   AGENT_ALLOCATE_MB=N         at start, allocate and hold N MiB of memory
-//   AGENT_PRINT_MALFORMED=1     answer each message with two replies and print an
-//                               invalid output block between their two blocks
-//   AGENT_CRASH_ON_MESSAGE=1    claim a message, then exit with code 3 unanswered
-//   AGENT_HANG_ON_MESSAGE=1     claim a message, then never answer or return
+//   AGENT_PRINT_MALFORMED=1     reply twice to each message and print an invalid
+//                               output block between the two replies' blocks
+//   AGENT_CRASH_ON_MESSAGE=1    claim a message, then exit with code 3 before replying
+//   AGENT_HANG_ON_MESSAGE=1     claim a message, then never reply or return
 //
 // Plain JavaScript for Node.js 18 or newer. The only dependency is the sqlite3
 // module, from Debian's node-sqlite3 or from npm.
@@ -333,7 +333,9 @@ function printOutputBlock(reply) {
 
 // A block whose JSON is cut off, as an agent killed mid-write would leave it.
 function printMalformedBlock() {
-  process.stdout.write(`${OUTPUT_START_MARKER}\n{"id": "malformed", "content": {"text": \n${OUTPUT_END_MARKER}\n`);
+  process.stdout.write(
+    `${OUTPUT_START_MARKER}\n{"id": "malformed", "content": {"text": \n${OUTPUT_END_MARKER}\n`,
+  );
 }
 
 // Writes the replies to a message and completes its claim, in one transaction.
@@ -433,11 +435,11 @@ async function poll() {
 // and a memory limit below the total ends the process through the OOM killer.
 function allocateMemory(megabytes) {
   log(`allocating ${megabytes} MiB (AGENT_ALLOCATE_MB)`);
-  const held = [];
+  const buffers = [];
   for (let index = 0; index < megabytes; index++) {
-    held.push(Buffer.alloc(1024 * 1024, (index % 255) + 1));
+    buffers.push(Buffer.alloc(1024 * 1024, (index % 255) + 1));
   }
-  globalThis.agentHeldMemory = held;
+  globalThis.agentAllocatedBuffers = buffers;
   log(`allocated ${megabytes} MiB`);
 }
 

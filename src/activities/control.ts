@@ -178,7 +178,7 @@ export function createControlActivities(deps: ActivityDeps) {
     },
   };
 
-  /** Writes the exit log of a container; `exists` says whether its output can still be read. */
+  /** Writes the exit log of a container. `exists` is false when its output can no longer be read. */
   async function writeLog(
     request: RecordExitRequest,
     located: LocatedSession,

@@ -20,7 +20,7 @@ export interface ExitRecord {
   exitCode: number | null;
   oomKilled: boolean;
   stopReason: StopReason;
-  /** The container's bind mounts, or null when they could not be determined (the notes say why). */
+  /** The container's bind mounts, or null when they could not be determined (a note gives the reason). */
   mounts: Array<{ source: string; target: string; readonly: boolean }> | null;
   /** Facts about how the record was gathered that a reader needs, such as output that was lost. */
   notes?: string[];
