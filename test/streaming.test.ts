@@ -234,6 +234,8 @@ class ExitedContainerDocker extends DockerCli {
       startedAt: now,
       finishedAt: now,
       labels: {},
+      mounts: [],
+      env: {},
     };
   }
 

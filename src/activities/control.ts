@@ -147,9 +147,9 @@ export function createControlActivities(deps: ActivityDeps) {
         const dir = located.sessionDir;
 
         const { kind } = classifyExit(request.exit.exitCode, request.exit.oomKilled);
-        const exists = (await docker.inspect(containerName)) !== null;
-        const earlierLog = exists ? null : findExitLog(located.logsDir, containerName);
-        const logPath = earlierLog ?? (await writeLog(request, located, exists));
+        const info = await docker.inspect(containerName);
+        const earlierLog = info ? null : findExitLog(located.logsDir, containerName);
+        const logPath = earlierLog ?? (await writeLog(request, located, info));
         await docker.remove(containerName);
         clearCloseRequest(dir);
         deps.hostDb.updateSessionContainerStatus(sessionId, 'idle');
@@ -178,15 +178,11 @@ export function createControlActivities(deps: ActivityDeps) {
     },
   };
 
-  /** Writes the exit log of a container. `exists` is false when its output can no longer be read. */
-  async function writeLog(
-    request: RecordExitRequest,
-    located: LocatedSession,
-    exists: boolean,
-  ): Promise<string> {
-    const output = exists ? await docker.logs(request.containerName) : { stdout: '', stderr: '' };
-    const notes = exists ? [] : ['The container was gone before its output could be read.'];
-    const mounts = rebuildMounts(deps, request, notes);
+  /** Writes the exit log of a container; `info` is null when the container is gone and its output lost. */
+  async function writeLog(request: RecordExitRequest, located: LocatedSession, info: ContainerInfo | null): Promise<string> {
+    const output = info ? await docker.logs(request.containerName) : { stdout: '', stderr: '' };
+    const notes = info ? [] : ['The container was gone before its output could be read.'];
+    const mounts = info ? info.mounts : rebuildMounts(deps, request, notes);
 
     return writeExitLog(
       located.logsDir,
@@ -209,7 +205,7 @@ export function createControlActivities(deps: ActivityDeps) {
         stopSteps: request.stopSteps,
       },
       {
-        secrets: secretValues(deps),
+        secrets: [...secretValues(deps), ...containerSecrets(info)],
         messageTexts: readInboundTexts(located.sessionDir),
         debug: deps.settings.debugExitLogs,
         keep: deps.settings.exitLogsKept,
@@ -219,11 +215,10 @@ export function createControlActivities(deps: ActivityDeps) {
 }
 
 /**
- * Rebuilds the container's mounts from the session's current configuration.
- * Returns null, and adds a note, when that configuration no longer yields
- * them (container.json broken, a mount or provider now rejected).
- * TODO: read the mounts from `docker inspect` instead, which would also be
- * exact after container.json changed; DockerCli.inspect does not return them yet.
+ * Rebuilds the mounts of a container that is already gone from the session's
+ * current configuration. Returns null, and adds a note, when that
+ * configuration no longer yields them (container.json broken, a mount or
+ * provider now rejected).
  */
 function rebuildMounts(deps: ActivityDeps, request: RecordExitRequest, notes: string[]): BindMount[] | null {
   try {
@@ -280,6 +275,17 @@ function locateSession(deps: ActivityDeps, sessionId: string): LocatedSession {
 function lastLines(text: string, count: number): string {
   const lines = text.split('\n');
   return lines.slice(Math.max(0, lines.length - count - 1)).join('\n');
+}
+
+/** Names of container variables whose values may be secret: tokens and keys, and proxy URLs that carry credentials. */
+const SECRET_ENV_NAME = /TOKEN|SECRET|PASSW|KEY|AUTH|CREDENTIAL|PROXY/i;
+
+/** Returns the container's environment values that may be secret (OneCLI adds some), for redaction. */
+function containerSecrets(info: ContainerInfo | null): string[] {
+  if (!info) return [];
+  return Object.entries(info.env)
+    .filter(([name, value]) => SECRET_ENV_NAME.test(name) && value.length >= 4)
+    .map(([, value]) => value);
 }
 
 /** Values that must never reach an exit log: OneCLI's key and secret-looking host variables. */

@@ -35,6 +35,10 @@ export interface ContainerInfo {
   startedAt: string | null;
   finishedAt: string | null;
   labels: Record<string, string>;
+  /** The container's bind mounts, as the engine reports them. */
+  mounts: BindMount[];
+  /** The container's environment. May hold secrets: never log it. */
+  env: Record<string, string>;
 }
 
 export interface CommandResult {
@@ -138,6 +142,15 @@ export class DockerCli {
       startedAt: zeroTimeToNull(raw.State.StartedAt),
       finishedAt: zeroTimeToNull(raw.State.FinishedAt),
       labels: raw.Config.Labels ?? {},
+      mounts: (raw.Mounts ?? [])
+        .filter((mount) => mount.Type === 'bind')
+        .map((mount) => ({ source: mount.Source, target: mount.Destination, readonly: !mount.RW })),
+      env: Object.fromEntries(
+        (raw.Config.Env ?? []).map((entry) => {
+          const at = entry.indexOf('=');
+          return at < 0 ? [entry, ''] : [entry.slice(0, at), entry.slice(at + 1)];
+        }),
+      ),
     };
   }
 
@@ -266,6 +279,7 @@ function zeroTimeToNull(value: string): string | null {
 interface RawInspect {
   Id: string;
   Name: string;
-  Config: { Image: string; Labels: Record<string, string> | null };
+  Config: { Image: string; Labels: Record<string, string> | null; Env: string[] | null };
+  Mounts: Array<{ Type: string; Source: string; Destination: string; RW: boolean }> | null;
   State: { Status: ContainerState; ExitCode: number; OOMKilled: boolean; StartedAt: string; FinishedAt: string };
 }
