@@ -33,14 +33,22 @@ function summary(name: string, values: number[]): string {
 async function main(): Promise<void> {
   const install = await startTestInstall({ BERTH_LOG_LEVEL: 'warn', BERTH_DELIVERY_POLL_MS: '100' });
   const client = await connectClient(install.settings);
-  const worker = await createBerthWorker({ settings: install.settings, client, sink: new CallbackSink(() => undefined) });
+  const worker = await createBerthWorker({
+    settings: install.settings,
+    client,
+    sink: new CallbackSink(() => undefined),
+  });
   const running = worker.run();
   const hostDb = new HostDb(install.settings.hostDbPath);
   const docker = new DockerCli();
   const timed = async (folder: string, text: string): Promise<number> => {
     const started = performance.now();
     const queued = await sendMessage(install.settings, hostDb, client, { folder, text });
-    const count = await waitForReplies(queued, () => undefined, { timeoutMs: 120_000, settleMs: 0, pollMs: 20 });
+    const count = await waitForReplies(queued, () => undefined, {
+      timeoutMs: 120_000,
+      settleMs: 0,
+      pollMs: 20,
+    });
     if (count === 0) throw new Error(`no reply to "${text}"`);
     return performance.now() - started;
   };
@@ -58,9 +66,13 @@ async function main(): Promise<void> {
 
     const burstStart = performance.now();
     const queued = await Promise.all(
-      Array.from({ length: 20 }, (_, index) => sendMessage(install.settings, hostDb, client, { folder: 'bench-burst', text: `burst ${index}` })),
+      Array.from({ length: 20 }, (_, index) =>
+        sendMessage(install.settings, hostDb, client, { folder: 'bench-burst', text: `burst ${index}` }),
+      ),
     );
-    await Promise.all(queued.map((q) => waitForReplies(q, () => undefined, { timeoutMs: 120_000, settleMs: 0, pollMs: 20 })));
+    await Promise.all(
+      queued.map((q) => waitForReplies(q, () => undefined, { timeoutMs: 120_000, settleMs: 0, pollMs: 20 })),
+    );
     const burst = performance.now() - burstStart;
 
     console.log(summary('cold wake (container start included)', cold));

@@ -21,7 +21,10 @@ export interface DevServer {
  * data directory, so workflows and timers survive a restart, and its Web UI on
  * localhost. Resolves once the frontend port accepts connections.
  */
-export async function startDevServer(settings: Settings, options: { timeoutMs?: number } = {}): Promise<DevServer> {
+export async function startDevServer(
+  settings: Settings,
+  options: { timeoutMs?: number } = {},
+): Promise<DevServer> {
   const [host = '127.0.0.1', portText = '7233'] = settings.temporalAddress.split(':');
   const port = Number(portText);
   if (await portOpen(host, port)) {
@@ -67,7 +70,10 @@ export async function startDevServer(settings: Settings, options: { timeoutMs?: 
     }
     await sleep(200);
   }
-  logger.info({ address: settings.temporalAddress, ui: `http://${host}:${settings.uiPort}` }, 'temporal dev server started');
+  logger.info(
+    { address: settings.temporalAddress, ui: `http://${host}:${settings.uiPort}` },
+    'temporal dev server started',
+  );
 
   return {
     address: settings.temporalAddress,

@@ -14,7 +14,10 @@ const settingsSchema = z.object({
   BERTH_TEMPORAL_ADDRESS: z.string().default('127.0.0.1:7233'),
   BERTH_TEMPORAL_NAMESPACE: z.string().default('default'),
   BERTH_TASK_QUEUE: z.string().default('berth'),
-  BERTH_HOST_ID: z.string().regex(/^[A-Za-z0-9._-]+$/).default(os.hostname().replace(/[^A-Za-z0-9._-]/g, '-')),
+  BERTH_HOST_ID: z
+    .string()
+    .regex(/^[A-Za-z0-9._-]+$/)
+    .default(os.hostname().replace(/[^A-Za-z0-9._-]/g, '-')),
   BERTH_DEFAULT_IMAGE: z.string().default('berth-agent:latest'),
   BERTH_DEFAULT_PROVIDER: z.string().default('claude'),
   BERTH_ASSISTANT_NAME: z.string().default('Berth'),
@@ -31,7 +34,9 @@ const settingsSchema = z.object({
   BERTH_EXIT_LOGS_KEPT: positiveSeconds.default(20),
   BERTH_LOG_LEVEL: z.string().default('info'),
   BERTH_DELIVERY_POLL_MS: positiveSeconds.default(500),
-  BERTH_MOUNT_ALLOWLIST: z.string().default(path.join(os.homedir(), '.config', 'berth', 'mount-allowlist.json')),
+  BERTH_MOUNT_ALLOWLIST: z
+    .string()
+    .default(path.join(os.homedir(), '.config', 'berth', 'mount-allowlist.json')),
   BERTH_DOCKER_BINARY: z.string().default('docker'),
   BERTH_UI_PORT: z.coerce.number().int().positive().default(8233),
   ONECLI_URL: z.string().url().optional(),

@@ -340,7 +340,14 @@ describe('decideStuck with pending message counts', () => {
 
   it('leaves an idle agent with a stale heartbeat running', () => {
     const { decision } = decideStuck(
-      { now: start + 600_000, containerStartedAt: start, heartbeatMtime: start + 1_000, claims: [], declaredToolTimeoutMs: null, pendingMessages: 0 },
+      {
+        now: start + 600_000,
+        containerStartedAt: start,
+        heartbeatMtime: start + 1_000,
+        claims: [],
+        declaredToolTimeoutMs: null,
+        pendingMessages: 0,
+      },
       settings,
     );
     expect(decision.action).toBe('ok');
@@ -348,7 +355,14 @@ describe('decideStuck with pending message counts', () => {
 
   it('stops an agent that ignores pending messages', () => {
     const { decision } = decideStuck(
-      { now: start + 600_000, containerStartedAt: start, heartbeatMtime: start + 1_000, claims: [], declaredToolTimeoutMs: null, pendingMessages: 2 },
+      {
+        now: start + 600_000,
+        containerStartedAt: start,
+        heartbeatMtime: start + 1_000,
+        claims: [],
+        declaredToolTimeoutMs: null,
+        pendingMessages: 2,
+      },
       settings,
     );
     expect(decision).toMatchObject({ action: 'stop', reason: 'heartbeat-stale' });

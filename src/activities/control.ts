@@ -179,7 +179,11 @@ export function createControlActivities(deps: ActivityDeps) {
   };
 
   /** Writes the exit log of a container; `info` is null when the container is gone and its output lost. */
-  async function writeLog(request: RecordExitRequest, located: LocatedSession, info: ContainerInfo | null): Promise<string> {
+  async function writeLog(
+    request: RecordExitRequest,
+    located: LocatedSession,
+    info: ContainerInfo | null,
+  ): Promise<string> {
     const output = info ? await docker.logs(request.containerName) : { stdout: '', stderr: '' };
     const notes = info ? [] : ['The container was gone before its output could be read.'];
     const mounts = info ? info.mounts : rebuildMounts(deps, request, notes);

@@ -34,7 +34,11 @@ export function createImageActivities(deps: ActivityDeps) {
      * else the default image. A failed build falls back to the group's
      * previous image when it has one.
      */
-    async ensureImage({ sessionId }: { sessionId: string }): Promise<{ image: string; warning: string | null }> {
+    async ensureImage({
+      sessionId,
+    }: {
+      sessionId: string;
+    }): Promise<{ image: string; warning: string | null }> {
       return asActivity(async () => {
         const { config, group } = loadSessionContext(deps, sessionId);
         if (config.imageTag) {
@@ -58,13 +62,17 @@ export function createImageActivities(deps: ActivityDeps) {
 
         const plan = await planGroupImage(deps, group.id, group.folder, base, apt, npm);
         if (await docker.imageExists(plan.tag)) return { image: plan.tag, warning: null };
-        if (!deps.buildGroupImage) throw new ImageBuildError('No image builder is configured in this worker.');
+        if (!deps.buildGroupImage)
+          throw new ImageBuildError('No image builder is configured in this worker.');
 
         const failures = new BuildFailures(groupPaths(settings, group.folder).imageBuildFailures);
         let reason = failures.reasonFor(plan.tag);
         if (reason === null) {
           try {
-            return { image: await deps.buildGroupImage({ agentGroupId: group.id, tag: plan.tag }), warning: null };
+            return {
+              image: await deps.buildGroupImage({ agentGroupId: group.id, tag: plan.tag }),
+              warning: null,
+            };
           } catch (error) {
             reason = error instanceof Error ? error.message : String(error);
           }
@@ -96,7 +104,9 @@ export function createImageActivities(deps: ActivityDeps) {
         const npm = context.packages.npm;
         const plan = await planGroupImage(deps, group.id, group.folder, settings.defaultImage, apt, npm);
         if (plan.tag !== tag) {
-          throw new ImageBuildError(`container.json of group ${group.folder} changed during the build; wake the session again.`);
+          throw new ImageBuildError(
+            `container.json of group ${group.folder} changed during the build; wake the session again.`,
+          );
         }
         if (await docker.imageExists(tag)) return tag;
         const failures = new BuildFailures(groupPaths(settings, group.folder).imageBuildFailures);
@@ -197,7 +207,10 @@ async function previousGroupImage(deps: ActivityDeps, agentGroupId: string): Pro
   return first ?? null;
 }
 
-function loadSessionContextForGroup(deps: ActivityDeps, folder: string): { packages: { apt: string[]; npm: string[] } } {
+function loadSessionContextForGroup(
+  deps: ActivityDeps,
+  folder: string,
+): { packages: { apt: string[]; npm: string[] } } {
   const { config } = loadContainerConfig(groupPaths(deps.settings, folder).containerJson);
   return { packages: { apt: config.packages?.apt ?? [], npm: config.packages?.npm ?? [] } };
 }

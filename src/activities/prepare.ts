@@ -28,7 +28,9 @@ export function createPrepareActivities(deps: ActivityDeps) {
         initSessionFiles(dir);
 
         writeDestinations(dir, hostDb.destinationsOf(group.id));
-        const messaging = session.messagingGroupId ? hostDb.getMessagingGroup(session.messagingGroupId) : undefined;
+        const messaging = session.messagingGroupId
+          ? hostDb.getMessagingGroup(session.messagingGroupId)
+          : undefined;
         writeSessionRouting(dir, {
           channelType: messaging?.channelType ?? null,
           platformId: messaging?.platformId ?? null,
@@ -42,7 +44,8 @@ export function createPrepareActivities(deps: ActivityDeps) {
     async loadSessionPlan({ sessionId }: SessionRef): Promise<SessionPlan> {
       return asActivity(() => {
         const context = loadSessionContext(deps, sessionId);
-        for (const warning of context.configWarnings) log.warn('container.json warning', { sessionId, warning });
+        for (const warning of context.configWarnings)
+          log.warn('container.json warning', { sessionId, warning });
         const { config, group, session } = context;
         // container.json's provider is the group's file-level default, below the group's own setting.
         const provider = resolveProviderName(
@@ -63,8 +66,10 @@ export function createPrepareActivities(deps: ActivityDeps) {
           stopGraceMs: (config.stopGraceSeconds ?? settings.stopGraceSeconds) * SECOND,
           warmIdlePauseMs: config.warmIdle ? config.warmIdle.pauseSeconds * SECOND : null,
           stuck: {
-            heartbeatCeilingMs: (config.stuck?.heartbeatCeilingSeconds ?? settings.heartbeatCeilingSeconds) * SECOND,
-            claimToleranceMs: (config.stuck?.claimToleranceSeconds ?? settings.claimToleranceSeconds) * SECOND,
+            heartbeatCeilingMs:
+              (config.stuck?.heartbeatCeilingSeconds ?? settings.heartbeatCeilingSeconds) * SECOND,
+            claimToleranceMs:
+              (config.stuck?.claimToleranceSeconds ?? settings.claimToleranceSeconds) * SECOND,
             spawnGraceMs: (config.stuck?.spawnGraceSeconds ?? settings.spawnGraceSeconds) * SECOND,
             checkIntervalMs: settings.stuckCheckSeconds * SECOND,
           },
@@ -72,7 +77,10 @@ export function createPrepareActivities(deps: ActivityDeps) {
             maxAttempts: config.messageRetry?.maxAttempts ?? settings.messageMaxAttempts,
             backoffMs: (config.messageRetry?.backoffSeconds ?? 5) * SECOND,
           },
-          restartBudget: { maxFailures: settings.restartBudget, windowMs: settings.restartWindowSeconds * SECOND },
+          restartBudget: {
+            maxFailures: settings.restartBudget,
+            windowMs: settings.restartWindowSeconds * SECOND,
+          },
           warnings: context.configWarnings,
         };
       });
@@ -102,7 +110,12 @@ export function createPrepareActivities(deps: ActivityDeps) {
         initSessionFiles(context.sessionDir);
         if (process.getuid?.() === 0) {
           // The agent runs as uid 1000; as root, hand it the folders it writes.
-          for (const dir of [context.sessionDir, paths.groupDir, paths.claudeStateDir, paths.agentRunnerSrcDir]) {
+          for (const dir of [
+            context.sessionDir,
+            paths.groupDir,
+            paths.claudeStateDir,
+            paths.agentRunnerSrcDir,
+          ]) {
             chownTree(dir, CONTAINER_UID, CONTAINER_GID);
           }
         }

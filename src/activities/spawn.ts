@@ -56,7 +56,10 @@ export function createSpawnActivities(deps: ActivityDeps) {
         const stale = readProcessingClaims(context.sessionDir).map((claim) => claim.messageId);
         if (stale.length > 0) {
           clearProcessingClaims(context.sessionDir, stale);
-          log.info('cleared claims left by a previous container', { sessionId: request.sessionId, count: stale.length });
+          log.info('cleared claims left by a previous container', {
+            sessionId: request.sessionId,
+            count: stale.length,
+          });
         }
         clearCloseRequest(context.sessionDir);
         prepareSessionMounts(context.sessionDir, spec.mounts);

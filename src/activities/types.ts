@@ -92,7 +92,8 @@ export interface RecordExitRequest {
   messageRetry: { maxAttempts: number; backoffMs: number };
 }
 
-export type StopReason = 'idle' | 'lifetime' | 'stuck' | 'stop-request' | 'crash' | 'warm-idle-expired' | 'exited';
+export type StopReason =
+  'idle' | 'lifetime' | 'stuck' | 'stop-request' | 'crash' | 'warm-idle-expired' | 'exited';
 
 export interface RecordExitResult {
   exitKind: string;

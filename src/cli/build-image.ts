@@ -14,11 +14,16 @@ import type { Settings } from '../settings.js';
  * Builds a group's image in this process, without Temporal, and returns its
  * tag. Prints build progress through `onOutput`.
  */
-export async function buildGroupImageNow(settings: Settings, folder: string, onOutput: (line: string) => void): Promise<string> {
+export async function buildGroupImageNow(
+  settings: Settings,
+  folder: string,
+  onOutput: (line: string) => void,
+): Promise<string> {
   const hostDb = new HostDb(settings.hostDbPath);
   try {
     const group = hostDb.getAgentGroupByFolder(folder);
-    if (!group) throw new NotFoundError(`Agent group "${folder}" not found. Send it a message first to create it.`);
+    if (!group)
+      throw new NotFoundError(`Agent group "${folder}" not found. Send it a message first to create it.`);
     const { config } = loadContainerConfig(groupPaths(settings, folder).containerJson);
     const docker = new DockerCli(settings.dockerBinary);
     const deps = {
@@ -39,7 +44,9 @@ export async function buildGroupImageNow(settings: Settings, folder: string, onO
       config.packages?.npm ?? [],
     );
     if (plan.apt.length === 0 && plan.npm.length === 0) {
-      throw new NotFoundError(`Group "${folder}" lists no packages in container.json, so it runs ${settings.defaultImage}.`);
+      throw new NotFoundError(
+        `Group "${folder}" lists no packages in container.json, so it runs ${settings.defaultImage}.`,
+      );
     }
     return await createActivities(deps).buildGroupImage({ agentGroupId: group.id, tag: plan.tag });
   } finally {
@@ -56,7 +63,10 @@ class ProgressDocker extends DockerCli {
     super(binary);
   }
 
-  override build(options: Parameters<DockerCli['build']>[0], onOutput: (chunk: string) => void): Promise<void> {
+  override build(
+    options: Parameters<DockerCli['build']>[0],
+    onOutput: (chunk: string) => void,
+  ): Promise<void> {
     return super.build(options, (chunk) => {
       this.onOutput(chunk);
       onOutput(chunk);

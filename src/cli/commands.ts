@@ -34,7 +34,11 @@ export async function sendMessage(
   request: { folder: string; text: string; threadId?: string },
 ): Promise<QueuedMessage> {
   const group = hostDb.ensureAgentGroup(request.folder);
-  const messaging = hostDb.ensureMessagingGroup(CLI_CHANNEL.channelType, CLI_CHANNEL.platformId, 'Command line');
+  const messaging = hostDb.ensureMessagingGroup(
+    CLI_CHANNEL.channelType,
+    CLI_CHANNEL.platformId,
+    'Command line',
+  );
   const session = hostDb.ensureSession(group.id, messaging.id, request.threadId ?? '');
   const dir = sessionDir(settings, group.folder, session.id);
   initSessionFiles(dir);
@@ -150,7 +154,9 @@ export async function collectStatus(
       image: status?.image ?? null,
       lastActivity: iso(status?.lastActivityAt ?? null) ?? session.lastActivity,
       lastActivitySource: status?.lastActivitySource ?? null,
-      nextDeadline: status?.nextDeadline ? { kind: status.nextDeadline.kind, at: iso(status.nextDeadline.at)! } : null,
+      nextDeadline: status?.nextDeadline
+        ? { kind: status.nextDeadline.kind, at: iso(status.nextDeadline.at)! }
+        : null,
       lastError: status?.lastError ?? null,
       lastExit: status?.lastExit ?? null,
       failedMessages: failed,
@@ -181,7 +187,9 @@ function readFailedCount(dir: string): number {
   if (!fs.existsSync(file)) return 0;
   const db = new Database(file, { readonly: true });
   try {
-    return (db.prepare("SELECT COUNT(*) AS n FROM messages_in WHERE status = 'failed'").get() as { n: number }).n;
+    return (
+      db.prepare("SELECT COUNT(*) AS n FROM messages_in WHERE status = 'failed'").get() as { n: number }
+    ).n;
   } finally {
     db.close();
   }
@@ -212,6 +220,15 @@ export function formatStatusTable(summaries: SessionSummary[]): string {
     s.nextDeadline ? `${s.nextDeadline.kind} at ${s.nextDeadline.at}` : '-',
     describeProblem(s),
   ]);
-  const widths = header.map((title, column) => Math.max(title.length, ...rows.map((row) => row[column]!.length)));
-  return [header, ...rows].map((row) => row.map((cell, column) => cell.padEnd(widths[column]!)).join('  ').trimEnd()).join('\n');
+  const widths = header.map((title, column) =>
+    Math.max(title.length, ...rows.map((row) => row[column]!.length)),
+  );
+  return [header, ...rows]
+    .map((row) =>
+      row
+        .map((cell, column) => cell.padEnd(widths[column]!))
+        .join('  ')
+        .trimEnd(),
+    )
+    .join('\n');
 }

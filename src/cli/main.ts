@@ -18,11 +18,15 @@ const REPO_ROOT = fileURLToPath(new URL('../../', import.meta.url));
 
 function positiveNumber(value: string): number {
   const parsed = Number(value);
-  if (!Number.isFinite(parsed) || parsed <= 0) throw new InvalidArgumentError(`expected a positive number of seconds, got "${value}".`);
+  if (!Number.isFinite(parsed) || parsed <= 0)
+    throw new InvalidArgumentError(`expected a positive number of seconds, got "${value}".`);
   return parsed;
 }
 
-async function withClient<T>(settings: Settings, work: (client: Client, hostDb: HostDb) => Promise<T>): Promise<T> {
+async function withClient<T>(
+  settings: Settings,
+  work: (client: Client, hostDb: HostDb) => Promise<T>,
+): Promise<T> {
   const hostDb = new HostDb(settings.hostDbPath);
   let client: Client | null = null;
   try {
@@ -54,8 +58,11 @@ async function runWorkerUntilSignal(settings: Settings, extra?: () => Promise<vo
 
 function buildReferenceImage(): void {
   process.stderr.write('Checking the reference agent image (the first build takes a few minutes)...\n');
-  const result = spawnSync('bash', [`${REPO_ROOT}container/build.sh`], { stdio: ['ignore', 'inherit', 'inherit'] });
-  if (result.status !== 0) throw new Error('Building the reference agent image failed; see the output above.');
+  const result = spawnSync('bash', [`${REPO_ROOT}container/build.sh`], {
+    stdio: ['ignore', 'inherit', 'inherit'],
+  });
+  if (result.status !== 0)
+    throw new Error('Building the reference agent image failed; see the output above.');
 }
 
 /** The terminal chat of `npm start`: each line goes to agent group `main`, replies print as they arrive. */
@@ -71,7 +78,9 @@ async function startChat(settings: Settings): Promise<void> {
     client,
     sink: new CallbackSink((message) => {
       if (message.inReplyTo) unanswered.delete(message.inReplyTo);
-      process.stdout.write(`\n${settings.assistantName}> ${message.text ?? JSON.stringify(message.content)}\nyou> `);
+      process.stdout.write(
+        `\n${settings.assistantName}> ${message.text ?? JSON.stringify(message.content)}\nyou> `,
+      );
     }),
   });
   const workerRun = worker.run();
@@ -131,7 +140,11 @@ export function buildProgram(): Command {
     .action(async (folder: string, text: string, options: { thread?: string; wait?: number }) => {
       const settings = loadSettings();
       await withClient(settings, async (client, hostDb) => {
-        const queued = await sendMessage(settings, hostDb, client, { folder, text, threadId: options.thread });
+        const queued = await sendMessage(settings, hostDb, client, {
+          folder,
+          text,
+          threadId: options.thread,
+        });
         process.stderr.write(`Queued message ${queued.messageId} for session ${queued.session.id}.\n`);
         if (options.wait === undefined) return;
         const count = await waitForReplies(queued, (reply) => process.stdout.write(`${reply}\n`), {
@@ -155,7 +168,9 @@ export function buildProgram(): Command {
       await withClient(settings, async (client, hostDb) => {
         const summaries = await collectStatus(settings, hostDb, client, sessionId);
         process.stdout.write(
-          options.json ? `${JSON.stringify(sessionId ? summaries[0] : summaries, null, 2)}\n` : `${formatStatusTable(summaries)}\n`,
+          options.json
+            ? `${JSON.stringify(sessionId ? summaries[0] : summaries, null, 2)}\n`
+            : `${formatStatusTable(summaries)}\n`,
         );
       });
     });

@@ -1,7 +1,13 @@
 import { Client, Connection, WorkflowNotFoundError } from '@temporalio/client';
 import { NotFoundError } from '../errors.js';
 import type { Settings } from '../settings.js';
-import { activitySignal, sessionWorkflow, statusQuery, stopSignal, wakeSignal } from '../workflows/session.js';
+import {
+  activitySignal,
+  sessionWorkflow,
+  statusQuery,
+  stopSignal,
+  wakeSignal,
+} from '../workflows/session.js';
 import type { ActivitySource, SessionStatus } from '../workflows/status.js';
 import { sessionWorkflowId } from './ids.js';
 
@@ -37,7 +43,10 @@ export async function wakeSession(
         sessionId,
         hostTaskQueue: settings.hostTaskQueue,
         searchAttributes,
-        restartBudget: { maxFailures: settings.restartBudget, windowMs: settings.restartWindowSeconds * 1000 },
+        restartBudget: {
+          maxFailures: settings.restartBudget,
+          windowMs: settings.restartWindowSeconds * 1000,
+        },
       },
     ],
     signal: wakeSignal,
@@ -56,7 +65,11 @@ export async function sessionStatus(client: Client, sessionId: string): Promise<
 }
 
 /** Asks the session's workflow to stop its container gracefully. */
-export async function stopSession(client: Client, sessionId: string, reason = 'stop requested'): Promise<void> {
+export async function stopSession(
+  client: Client,
+  sessionId: string,
+  reason = 'stop requested',
+): Promise<void> {
   try {
     await client.workflow.getHandle(sessionWorkflowId(sessionId)).signal(stopSignal, { reason });
   } catch (error) {
@@ -70,7 +83,9 @@ export async function signalActivity(
   sessionId: string,
   source: ActivitySource,
 ): Promise<void> {
-  await client.workflow.getHandle(sessionWorkflowId(sessionId)).signal(activitySignal, { source, at: Date.now() });
+  await client.workflow
+    .getHandle(sessionWorkflowId(sessionId))
+    .signal(activitySignal, { source, at: Date.now() });
 }
 
 function notFoundOr(error: unknown, sessionId: string): unknown {

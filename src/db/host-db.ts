@@ -67,7 +67,9 @@ export class HostDb {
   }
 
   private migrate(): void {
-    this.db.exec('CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)');
+    this.db.exec(
+      'CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)',
+    );
     const apply = this.db.transaction((version: number, sql: string) => {
       const done = this.db.prepare('SELECT 1 FROM schema_migrations WHERE version = ?').get(version);
       if (done) return;
@@ -94,26 +96,34 @@ export class HostDb {
         `INSERT INTO agent_groups (id, name, folder, provider, created_at) VALUES (?, ?, ?, ?, ?)
          ON CONFLICT (folder) DO NOTHING`,
       )
-      .run(`ag-${randomUUID()}`, options.name ?? folder, folder, options.provider ?? null, new Date().toISOString());
+      .run(
+        `ag-${randomUUID()}`,
+        options.name ?? folder,
+        folder,
+        options.provider ?? null,
+        new Date().toISOString(),
+      );
     return this.getAgentGroupByFolder(folder)!;
   }
 
   getAgentGroupByFolder(folder: string): AgentGroup | undefined {
-    return this.db.prepare('SELECT id, name, folder, provider FROM agent_groups WHERE folder = ?').get(folder) as
-      | AgentGroup
-      | undefined;
+    return this.db
+      .prepare('SELECT id, name, folder, provider FROM agent_groups WHERE folder = ?')
+      .get(folder) as AgentGroup | undefined;
   }
 
   getAgentGroup(id: string): AgentGroup {
-    const group = this.db.prepare('SELECT id, name, folder, provider FROM agent_groups WHERE id = ?').get(id) as
-      | AgentGroup
-      | undefined;
+    const group = this.db
+      .prepare('SELECT id, name, folder, provider FROM agent_groups WHERE id = ?')
+      .get(id) as AgentGroup | undefined;
     if (!group) throw new NotFoundError(`Agent group "${id}" not found.`);
     return group;
   }
 
   listAgentGroups(): AgentGroup[] {
-    return this.db.prepare('SELECT id, name, folder, provider FROM agent_groups ORDER BY folder').all() as AgentGroup[];
+    return this.db
+      .prepare('SELECT id, name, folder, provider FROM agent_groups ORDER BY folder')
+      .all() as AgentGroup[];
   }
 
   setAgentGroupProvider(id: string, provider: string | null): void {
@@ -154,9 +164,7 @@ export class HostDb {
       )
       .run(`sess-${randomUUID()}`, agentGroupId, messagingGroupId, threadId, new Date().toISOString());
     return this.db
-      .prepare(
-        `${SESSION_SELECT} WHERE agent_group_id = ? AND messaging_group_key = ? AND thread_id = ?`,
-      )
+      .prepare(`${SESSION_SELECT} WHERE agent_group_id = ? AND messaging_group_key = ? AND thread_id = ?`)
       .get(agentGroupId, messagingGroupId ?? '', threadId) as SessionRecord;
   }
 
@@ -183,7 +191,9 @@ export class HostDb {
 
   updateSessionContainerStatus(id: string, containerStatus: string, lastActivity?: string): void {
     this.db
-      .prepare('UPDATE sessions SET container_status = ?, last_activity = COALESCE(?, last_activity) WHERE id = ?')
+      .prepare(
+        'UPDATE sessions SET container_status = ?, last_activity = COALESCE(?, last_activity) WHERE id = ?',
+      )
       .run(containerStatus, lastActivity ?? null, id);
   }
 
@@ -191,7 +201,9 @@ export class HostDb {
     if (role === 'admin' && !agentGroupId) throw new Error('The admin role needs an agent group id.');
     this.db.prepare('INSERT INTO users (id) VALUES (?) ON CONFLICT (id) DO NOTHING').run(userId);
     this.db
-      .prepare('INSERT INTO user_roles (user_id, role, agent_group_id) VALUES (?, ?, ?) ON CONFLICT DO NOTHING')
+      .prepare(
+        'INSERT INTO user_roles (user_id, role, agent_group_id) VALUES (?, ?, ?) ON CONFLICT DO NOTHING',
+      )
       .run(userId, role, role === 'admin' ? agentGroupId : '');
   }
 
@@ -213,7 +225,12 @@ export class HostDb {
     return rows.map((row) => row.user_id);
   }
 
-  addChannelDestination(agentGroupId: string, name: string, messagingGroupId: string, displayName?: string): void {
+  addChannelDestination(
+    agentGroupId: string,
+    name: string,
+    messagingGroupId: string,
+    displayName?: string,
+  ): void {
     this.db
       .prepare(
         `INSERT INTO destinations (agent_group_id, name, display_name, type, target_id) VALUES (?, ?, ?, 'channel', ?)
@@ -222,7 +239,12 @@ export class HostDb {
       .run(agentGroupId, name, displayName ?? null, messagingGroupId);
   }
 
-  addAgentDestination(agentGroupId: string, name: string, targetAgentGroupId: string, displayName?: string): void {
+  addAgentDestination(
+    agentGroupId: string,
+    name: string,
+    targetAgentGroupId: string,
+    displayName?: string,
+  ): void {
     this.db
       .prepare(
         `INSERT INTO destinations (agent_group_id, name, display_name, type, target_id) VALUES (?, ?, ?, 'agent', ?)

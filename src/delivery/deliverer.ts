@@ -48,12 +48,19 @@ export class Deliverer {
   constructor(private readonly sink: DeliverySink) {}
 
   /** Returns false when the message had already been delivered. */
-  async deliver(sessionDir: string, sessionId: string, message: OutboundMessage, via: DeliveredMessage['via']): Promise<boolean> {
+  async deliver(
+    sessionDir: string,
+    sessionId: string,
+    message: OutboundMessage,
+    via: DeliveredMessage['via'],
+  ): Promise<boolean> {
     if (!markDelivered(sessionDir, message.id)) return false;
 
     const content = parseContent(message.content);
     const text =
-      typeof content === 'object' && content !== null && typeof (content as { text?: unknown }).text === 'string'
+      typeof content === 'object' &&
+      content !== null &&
+      typeof (content as { text?: unknown }).text === 'string'
         ? (content as { text: string }).text
         : null;
     try {

@@ -76,9 +76,11 @@ export class DeliveryLoop {
       if (await this.deliverer.deliver(dir, sessionId, message, 'outbound')) count += 1;
     }
     if (count > 0) {
-      await this.signals.activity(sessionId, { source: 'delivery', at: Date.now() }).catch((error: unknown) => {
-        logger.warn({ sessionId, err: error }, 'activity signal after delivery failed');
-      });
+      await this.signals
+        .activity(sessionId, { source: 'delivery', at: Date.now() })
+        .catch((error: unknown) => {
+          logger.warn({ sessionId, err: error }, 'activity signal after delivery failed');
+        });
     }
     return count;
   }

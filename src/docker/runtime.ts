@@ -55,7 +55,10 @@ export class DockerCli {
   constructor(private readonly binary = 'docker') {}
 
   /** Runs `docker ARGS`; returns its output whatever the exit code, throws only when docker cannot start. */
-  exec(args: string[], options: { input?: string; onOutput?: (chunk: string) => void } = {}): Promise<CommandResult> {
+  exec(
+    args: string[],
+    options: { input?: string; onOutput?: (chunk: string) => void } = {},
+  ): Promise<CommandResult> {
     return new Promise((resolve, reject) => {
       const stdin = options.input === undefined ? 'ignore' : 'pipe';
       const child = spawn(this.binary, args, { stdio: [stdin, 'pipe', 'pipe'] as const });
@@ -70,12 +73,19 @@ export class DockerCli {
         options.onOutput?.(chunk);
       });
       child.on('error', (error) =>
-        reject(new ContainerRuntimeError(`Could not run "${this.binary}": ${error.message}. Is Docker installed?`, { cause: error })),
+        reject(
+          new ContainerRuntimeError(
+            `Could not run "${this.binary}": ${error.message}. Is Docker installed?`,
+            { cause: error },
+          ),
+        ),
       );
       child.on('close', (code) => resolve({ stdout, stderr, exitCode: code ?? -1 }));
       if (child.stdin) {
         // A binary that exits without reading its input makes the write fail with EPIPE; its exit code tells the rest.
-        child.stdin.on('error', (error) => logger.debug({ err: error, args: args[0] }, 'docker stdin write failed'));
+        child.stdin.on('error', (error) =>
+          logger.debug({ err: error, args: args[0] }, 'docker stdin write failed'),
+        );
         child.stdin.end(options.input);
       }
     });
@@ -84,7 +94,9 @@ export class DockerCli {
   private async checked(args: string[], what: string): Promise<string> {
     const result = await this.exec(args);
     if (result.exitCode !== 0) {
-      throw new ContainerRuntimeError(`${what} failed (docker ${args[0]} exited ${result.exitCode}): ${result.stderr.trim()}`);
+      throw new ContainerRuntimeError(
+        `${what} failed (docker ${args[0]} exited ${result.exitCode}): ${result.stderr.trim()}`,
+      );
     }
     return result.stdout;
   }
@@ -157,7 +169,10 @@ export class DockerCli {
   /** Lists containers, running or not, that carry every given label. */
   async list(labels: Record<string, string>): Promise<ContainerInfo[]> {
     const filters = Object.entries(labels).flatMap(([key, value]) => ['--filter', `label=${key}=${value}`]);
-    const output = await this.checked(['container', 'ls', '--all', '--quiet', ...filters], 'Listing containers');
+    const output = await this.checked(
+      ['container', 'ls', '--all', '--quiet', ...filters],
+      'Listing containers',
+    );
     const ids = output.split('\n').filter(Boolean);
     const infos = await Promise.all(ids.map((id) => this.inspect(id)));
     return infos.filter((info): info is ContainerInfo => info !== null);
@@ -208,14 +223,27 @@ export class DockerCli {
    * Follows the container's stdout from `since` (RFC 3339) until it exits or
    * `signal` aborts. Resolves when the stream ends.
    */
-  followStdout(name: string, onChunk: (chunk: Buffer) => void, options: { since?: string; signal?: AbortSignal }): Promise<void> {
+  followStdout(
+    name: string,
+    onChunk: (chunk: Buffer) => void,
+    options: { since?: string; signal?: AbortSignal },
+  ): Promise<void> {
     return new Promise((resolve, reject) => {
-      const args = ['container', 'logs', '--follow', ...(options.since ? ['--since', options.since] : []), name];
+      const args = [
+        'container',
+        'logs',
+        '--follow',
+        ...(options.since ? ['--since', options.since] : []),
+        name,
+      ];
       const child = spawn(this.binary, args, { stdio: ['ignore', 'pipe', 'ignore'], signal: options.signal });
       child.stdout.on('data', onChunk);
       child.on('error', (error) => {
         if (error.name === 'AbortError') resolve();
-        else reject(new ContainerRuntimeError(`Following logs of ${name} failed: ${error.message}`, { cause: error }));
+        else
+          reject(
+            new ContainerRuntimeError(`Following logs of ${name} failed: ${error.message}`, { cause: error }),
+          );
       });
       child.on('close', () => resolve());
     });
@@ -227,7 +255,13 @@ export class DockerCli {
   }
 
   async imageLabel(tag: string, label: string): Promise<string | null> {
-    const result = await this.exec(['image', 'inspect', '--format', `{{ index .Config.Labels "${label}" }}`, tag]);
+    const result = await this.exec([
+      'image',
+      'inspect',
+      '--format',
+      `{{ index .Config.Labels "${label}" }}`,
+      tag,
+    ]);
     if (result.exitCode !== 0) return null;
     const value = result.stdout.trim();
     return value === '' || value === '<no value>' ? null : value;
@@ -248,7 +282,13 @@ export class DockerCli {
    * makes the legacy builder remove the container of a failed step instead of leaving it behind.
    */
   async build(
-    options: { contextDir: string; dockerfile: string; tag: string; buildArgs: Record<string, string>; labels: Record<string, string> },
+    options: {
+      contextDir: string;
+      dockerfile: string;
+      tag: string;
+      buildArgs: Record<string, string>;
+      labels: Record<string, string>;
+    },
     onOutput: (chunk: string) => void,
   ): Promise<void> {
     const args = ['build', '--force-rm', '--file', options.dockerfile, '--tag', options.tag];
@@ -266,7 +306,9 @@ export class DockerCli {
 function mountArg(mount: BindMount): string {
   for (const value of [mount.source, mount.target]) {
     if (/[,\n]/.test(value)) {
-      throw new ContainerRuntimeError(`Mount path "${value}" contains a comma or newline, which --mount cannot express.`);
+      throw new ContainerRuntimeError(
+        `Mount path "${value}" contains a comma or newline, which --mount cannot express.`,
+      );
     }
   }
   return `type=bind,source=${mount.source},target=${mount.target}${mount.readonly ? ',readonly' : ''}`;
@@ -281,5 +323,11 @@ interface RawInspect {
   Name: string;
   Config: { Image: string; Labels: Record<string, string> | null; Env: string[] | null };
   Mounts: Array<{ Type: string; Source: string; Destination: string; RW: boolean }> | null;
-  State: { Status: ContainerState; ExitCode: number; OOMKilled: boolean; StartedAt: string; FinishedAt: string };
+  State: {
+    Status: ContainerState;
+    ExitCode: number;
+    OOMKilled: boolean;
+    StartedAt: string;
+    FinishedAt: string;
+  };
 }

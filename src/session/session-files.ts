@@ -98,34 +98,40 @@ export function initSessionFiles(sessionDir: string): void {
 }
 
 /** Writes one message into messages_in with the next even sequence number; a repeated id is ignored. */
-export function insertInboundMessage(sessionDir: string, message: InboundMessage): { inserted: boolean; seq: number } {
+export function insertInboundMessage(
+  sessionDir: string,
+  message: InboundMessage,
+): { inserted: boolean; seq: number } {
   return withDb(inboundPath(sessionDir), 'write', (db) =>
-    db.transaction(() => {
-      const existing = db.prepare('SELECT seq FROM messages_in WHERE id = ?').get(message.id) as
-        | { seq: number }
-        | undefined;
-      if (existing) return { inserted: false, seq: existing.seq };
+    db
+      .transaction(() => {
+        const existing = db.prepare('SELECT seq FROM messages_in WHERE id = ?').get(message.id) as
+          { seq: number } | undefined;
+        if (existing) return { inserted: false, seq: existing.seq };
 
-      // The host takes even sequence numbers and the container odd ones, so the two never collide.
-      const { maxSeq } = db.prepare('SELECT COALESCE(MAX(seq), 0) AS maxSeq FROM messages_in WHERE seq % 2 = 0').get() as {
-        maxSeq: number;
-      };
-      const seq = maxSeq + 2;
-      db.prepare(
-        `INSERT INTO messages_in (id, seq, kind, timestamp, status, platform_id, channel_type, thread_id, content)
+        // The host takes even sequence numbers and the container odd ones, so the two never collide.
+        const { maxSeq } = db
+          .prepare('SELECT COALESCE(MAX(seq), 0) AS maxSeq FROM messages_in WHERE seq % 2 = 0')
+          .get() as {
+          maxSeq: number;
+        };
+        const seq = maxSeq + 2;
+        db.prepare(
+          `INSERT INTO messages_in (id, seq, kind, timestamp, status, platform_id, channel_type, thread_id, content)
          VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?)`,
-      ).run(
-        message.id,
-        seq,
-        message.kind,
-        message.timestamp ?? new Date().toISOString(),
-        message.platformId ?? null,
-        message.channelType ?? null,
-        message.threadId ?? null,
-        JSON.stringify(message.content),
-      );
-      return { inserted: true, seq };
-    }).immediate(),
+        ).run(
+          message.id,
+          seq,
+          message.kind,
+          message.timestamp ?? new Date().toISOString(),
+          message.platformId ?? null,
+          message.channelType ?? null,
+          message.threadId ?? null,
+          JSON.stringify(message.content),
+        );
+        return { inserted: true, seq };
+      })
+      .immediate(),
   );
 }
 
@@ -133,7 +139,9 @@ export function insertInboundMessage(sessionDir: string, message: InboundMessage
 export function countPendingMessages(sessionDir: string): number {
   if (!fs.existsSync(inboundPath(sessionDir))) return 0;
   return withDb(inboundPath(sessionDir), 'read', (db) => {
-    const row = db.prepare("SELECT COUNT(*) AS n FROM messages_in WHERE status = 'pending'").get() as { n: number };
+    const row = db.prepare("SELECT COUNT(*) AS n FROM messages_in WHERE status = 'pending'").get() as {
+      n: number;
+    };
     return row.n;
   });
 }
@@ -141,16 +149,18 @@ export function countPendingMessages(sessionDir: string): number {
 /** Replaces the destinations table with the given rows. */
 export function writeDestinations(sessionDir: string, destinations: Destination[]): void {
   withDb(inboundPath(sessionDir), 'write', (db) =>
-    db.transaction(() => {
-      db.prepare('DELETE FROM destinations').run();
-      const insert = db.prepare(
-        `INSERT INTO destinations (name, display_name, type, channel_type, platform_id, agent_group_id)
+    db
+      .transaction(() => {
+        db.prepare('DELETE FROM destinations').run();
+        const insert = db.prepare(
+          `INSERT INTO destinations (name, display_name, type, channel_type, platform_id, agent_group_id)
          VALUES (?, ?, ?, ?, ?, ?)`,
-      );
-      for (const d of destinations) {
-        insert.run(d.name, d.displayName, d.type, d.channelType, d.platformId, d.agentGroupId);
-      }
-    }).immediate(),
+        );
+        for (const d of destinations) {
+          insert.run(d.name, d.displayName, d.type, d.channelType, d.platformId, d.agentGroupId);
+        }
+      })
+      .immediate(),
   );
 }
 
@@ -194,7 +204,11 @@ export function readDeliveredIds(sessionDir: string): Set<string> {
  * Records a delivery. Returns false when the message was already recorded,
  * so a caller racing another path delivers each message once.
  */
-export function markDelivered(sessionDir: string, messageOutId: string, platformMessageId: string | null = null): boolean {
+export function markDelivered(
+  sessionDir: string,
+  messageOutId: string,
+  platformMessageId: string | null = null,
+): boolean {
   return withDb(inboundPath(sessionDir), 'write', (db) => {
     const result = db
       .prepare(
@@ -268,39 +282,43 @@ export function recordFailedAttempts(
   const now = options.now ?? Date.now();
 
   withDb(inboundPath(sessionDir), 'write', (db) =>
-    db.transaction(() => {
-      for (const id of messageIds) {
-        const row = db.prepare('SELECT tries FROM messages_in WHERE id = ?').get(id) as { tries: number } | undefined;
-        if (!row) continue;
-        const tries = row.tries + 1;
-        if (tries >= options.maxAttempts) {
-          db.prepare(
-            "UPDATE messages_in SET tries = ?, status = 'failed', status_changed = ?, failure_reason = ? WHERE id = ?",
-          ).run(tries, new Date(now).toISOString(), options.reason, id);
-          failed.push(id);
-        } else {
-          // Exponential backoff: the base delay doubles with each failed attempt.
-          const delay = options.backoffMs * 2 ** (tries - 1);
-          db.prepare('UPDATE messages_in SET tries = ?, process_after = ?, status_changed = ? WHERE id = ?').run(
-            tries,
-            new Date(now + delay).toISOString(),
-            new Date(now).toISOString(),
-            id,
-          );
-          retried.push(id);
+    db
+      .transaction(() => {
+        for (const id of messageIds) {
+          const row = db.prepare('SELECT tries FROM messages_in WHERE id = ?').get(id) as
+            { tries: number } | undefined;
+          if (!row) continue;
+          const tries = row.tries + 1;
+          if (tries >= options.maxAttempts) {
+            db.prepare(
+              "UPDATE messages_in SET tries = ?, status = 'failed', status_changed = ?, failure_reason = ? WHERE id = ?",
+            ).run(tries, new Date(now).toISOString(), options.reason, id);
+            failed.push(id);
+          } else {
+            // Exponential backoff: the base delay doubles with each failed attempt.
+            const delay = options.backoffMs * 2 ** (tries - 1);
+            db.prepare(
+              'UPDATE messages_in SET tries = ?, process_after = ?, status_changed = ? WHERE id = ?',
+            ).run(tries, new Date(now + delay).toISOString(), new Date(now).toISOString(), id);
+            retried.push(id);
+          }
         }
-      }
-    }).immediate(),
+      })
+      .immediate(),
   );
   return { retried, failed };
 }
 
 /** Returns messages that were marked failed, with their reasons. */
-export function readFailedMessages(sessionDir: string): Array<{ id: string; tries: number; reason: string | null }> {
+export function readFailedMessages(
+  sessionDir: string,
+): Array<{ id: string; tries: number; reason: string | null }> {
   if (!fs.existsSync(inboundPath(sessionDir))) return [];
   return withDb(inboundPath(sessionDir), 'read', (db) =>
     db
-      .prepare("SELECT id, tries, failure_reason AS reason FROM messages_in WHERE status = 'failed' ORDER BY seq")
+      .prepare(
+        "SELECT id, tries, failure_reason AS reason FROM messages_in WHERE status = 'failed' ORDER BY seq",
+      )
       .all(),
   ) as Array<{ id: string; tries: number; reason: string | null }>;
 }
@@ -328,7 +346,9 @@ export function syncProcessingAcks(sessionDir: string): number {
       "UPDATE messages_in SET status = ?, status_changed = ? WHERE id = ? AND status = 'pending'",
     );
     const now = new Date().toISOString();
-    return db.transaction(() => acks.reduce((sum, ack) => sum + update.run(ack.status, now, ack.id).changes, 0))();
+    return db.transaction(() =>
+      acks.reduce((sum, ack) => sum + update.run(ack.status, now, ack.id).changes, 0),
+    )();
   });
 }
 
