@@ -1,7 +1,7 @@
 import path from 'node:path';
 import type { Settings } from './settings.js';
 
-/** Where berth keeps each group's and session's files on the host. */
+/** The host folders of one agent group. */
 export interface GroupPaths {
   /** The group folder, mounted read-write at /workspace/agent. */
   groupDir: string;

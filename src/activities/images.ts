@@ -29,9 +29,9 @@ export function createImageActivities(deps: ActivityDeps) {
   return {
     /**
      * Returns the image the session's container runs: the group's `imageTag`,
-     * else a per-group image built from its package lists (built once per
-     * package set; concurrent builds of a group join one build workflow),
-     * else the default image. A failed build falls back to the group's
+     * else a per-group image built from its package lists, else the default
+     * image. A package set is built once, and concurrent builds of a group
+     * join one build workflow. A failed build falls back to the group's
      * previous image when it has one.
      */
     async ensureImage({
@@ -218,7 +218,7 @@ function loadSessionContextForGroup(
 /**
  * Tags whose build failed, kept in a small JSON file per group. A wake uses
  * the previous image for such a tag instead of running the same failing
- * build again; `berth build-image` and a changed package set build anew.
+ * build again. `berth build-image` and a changed package set build anew.
  */
 class BuildFailures {
   constructor(private readonly file: string) {}

@@ -54,7 +54,7 @@ export interface SuperviseRequest {
   startedAt: number;
 }
 
-/** What the supervising activity saw when the container exited. */
+/** The container's exit, as the supervising activity observed it. */
 export interface ContainerExit {
   exitCode: number | null;
   oomKilled: boolean;

@@ -25,7 +25,7 @@ export interface QueuedMessage {
 /**
  * Routes a message as a router would: creates the agent group and its
  * session when needed, writes the message into inbound.db, and wakes the
- * session. The message stays pending in inbound.db whatever happens after.
+ * session. Once written, the message stays pending in inbound.db even when the wake fails.
  */
 export async function sendMessage(
   settings: Settings,

@@ -65,7 +65,7 @@ function buildReferenceImage(): void {
     throw new Error('Building the reference agent image failed; see the output above.');
 }
 
-/** The terminal chat of `npm start`: each line goes to agent group `main`, replies print as they arrive. */
+/** Runs the terminal chat of `npm start`: each line goes to agent group `main`, and replies print as they arrive. */
 async function startChat(settings: Settings): Promise<void> {
   // Keep the chat readable: only warnings and errors reach the terminal unless a level was chosen.
   if (process.env.BERTH_LOG_LEVEL === undefined) logger.level = 'warn';

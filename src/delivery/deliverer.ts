@@ -14,11 +14,11 @@ export interface DeliveredMessage {
   channelType: string | null;
   platformId: string | null;
   threadId: string | null;
-  /** Which path saw the message first: the outbound.db poll or a streamed stdout block. */
+  /** The path that delivered the message first: the outbound.db poll or a streamed stdout block. */
   via: 'outbound' | 'stream';
 }
 
-/** Where delivered messages go: a channel adapter, the console, a test. */
+/** The destination of delivered messages: a channel adapter, the console, a test. */
 export interface DeliverySink {
   deliver(message: DeliveredMessage): Promise<void> | void;
 }
@@ -40,7 +40,7 @@ export class CallbackSink implements DeliverySink {
 }
 
 /**
- * Delivers each outbound message once, whichever path sees it first. The
+ * Delivers each outbound message once, whichever path reads it first. The
  * message is recorded in inbound.db's `delivered` table before the sink gets
  * it: the insert succeeds for one caller only, so two paths never both deliver.
  */

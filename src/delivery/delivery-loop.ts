@@ -10,7 +10,7 @@ import type { Deliverer } from './deliverer.js';
 /**
  * Polls the outbound.db of every session whose file changed since the last
  * pass, delivers new messages, mirrors the agent's processing acks into
- * inbound.db, and tells the session's workflow about the activity.
+ * inbound.db, and signals the activity to the session's workflow.
  */
 export class DeliveryLoop {
   private readonly seen = new Map<string, number>();

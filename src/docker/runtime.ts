@@ -48,7 +48,7 @@ export interface CommandResult {
 }
 
 /**
- * The one module that knows the Docker CLI's flags. Every command runs with
+ * The only module that uses the Docker CLI's flags. Every command runs with
  * an argument array, never through a shell.
  */
 export class DockerCli {
@@ -82,7 +82,7 @@ export class DockerCli {
       );
       child.on('close', (code) => resolve({ stdout, stderr, exitCode: code ?? -1 }));
       if (child.stdin) {
-        // A binary that exits without reading its input makes the write fail with EPIPE; its exit code tells the rest.
+        // A binary that exits without reading its input makes the write fail with EPIPE; its exit code reports the outcome.
         child.stdin.on('error', (error) =>
           logger.debug({ err: error, args: args[0] }, 'docker stdin write failed'),
         );
@@ -101,7 +101,7 @@ export class DockerCli {
     return result.stdout;
   }
 
-  /** Throws ContainerRuntimeError when the engine does not answer. */
+  /** Checks that the engine responds; throws ContainerRuntimeError when it does not. */
   async ping(): Promise<void> {
     await this.checked(['version', '--format', '{{.Server.Version}}'], 'Reaching the Docker engine');
   }
