@@ -12,6 +12,7 @@ import { resolveProviderName } from '../providers/registry.js';
 import {
   clearCloseRequest,
   clearProcessingClaims,
+  earliestRetryAt,
   readInboundTexts,
   readProcessingClaims,
   recordFailedAttempts,
@@ -173,7 +174,13 @@ export function createControlActivities(deps: ActivityDeps) {
           retriedMessages: retried.length,
           failedMessages: failed.length,
         });
-        return { exitKind: kind, logPath, retriedMessages: retried, failedMessages: failed };
+        return {
+          exitKind: kind,
+          logPath,
+          retriedMessages: retried,
+          failedMessages: failed,
+          nextRetryAt: earliestRetryAt(dir),
+        };
       });
     },
   };

@@ -100,6 +100,8 @@ export interface RecordExitResult {
   logPath: string;
   retriedMessages: string[];
   failedMessages: string[];
+  /** When the earliest message waiting for a retry becomes due (epoch ms), so the workflow can wake for it. */
+  nextRetryAt: number | null;
 }
 
 /** The supervising activity's periodic report, sent to the workflow as a signal. */

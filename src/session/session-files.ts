@@ -369,3 +369,14 @@ export function readInboundTexts(sessionDir: string, limit = 500): string[] {
   }
   return texts;
 }
+
+/** Returns the earliest `process_after` of a pending message waiting for a retry, in epoch ms, or null. */
+export function earliestRetryAt(sessionDir: string): number | null {
+  if (!fs.existsSync(inboundPath(sessionDir))) return null;
+  const row = withDb(inboundPath(sessionDir), 'read', (db) =>
+    db
+      .prepare("SELECT MIN(process_after) AS at FROM messages_in WHERE status = 'pending' AND process_after IS NOT NULL")
+      .get(),
+  ) as { at: string | null };
+  return row.at === null ? null : Date.parse(row.at);
+}

@@ -52,6 +52,10 @@ export interface CarriedState {
   lastActivityAt: number | null;
   lastActivitySource: ActivitySource | null;
   failedStarts: number[];
+  /** Failed starts since the last successful one; sets the retry delay. */
+  consecutiveStartFailures: number;
+  /** When the session wakes by itself to retry a failed start or a message waiting out its backoff. */
+  retryWakeAt: number | null;
   lastError: string | null;
   lastExit: SessionStatus['lastExit'];
 }
@@ -66,9 +70,16 @@ export interface SessionWorkflowInput {
   searchAttributes?: boolean;
   /** After this many failed starts inside the window, the session waits instead of retrying at once. */
   restartBudget?: { maxFailures: number; windowMs: number };
+  /**
+   * Heartbeat timeout of the supervising activity, 30 s by default. The
+   * time-skipping test server fires it whenever it skips further ahead than
+   * this, so tests that skip time while a container runs pass a longer one.
+   */
+  superviseHeartbeatTimeoutMs?: number;
 }
 
 const DEFAULT_MAX_HISTORY_EVENTS = 5000;
+const DEFAULT_SUPERVISE_HEARTBEAT_TIMEOUT_MS = 30_000;
 
 /**
  * One session's container life: waits for a wake, starts the container,
@@ -79,7 +90,10 @@ const DEFAULT_MAX_HISTORY_EVENTS = 5000;
 export async function sessionWorkflow(input: SessionWorkflowInput): Promise<void> {
   const { sessionId } = input;
   const carried = input.carried ?? freshState();
-  const acts = activitiesFor(input.hostTaskQueue);
+  const acts = activitiesFor(
+    input.hostTaskQueue,
+    input.superviseHeartbeatTimeoutMs ?? DEFAULT_SUPERVISE_HEARTBEAT_TIMEOUT_MS,
+  );
 
   let state: SessionState = 'idle';
   let pendingWake = carried.pendingWake;
@@ -120,7 +134,10 @@ export async function sessionWorkflow(input: SessionWorkflowInput): Promise<void
   });
   setHandler(observationSignal, (next) => {
     observation = next;
-    if (next.heartbeatMtime !== null && (lastHeartbeatSeen === null || next.heartbeatMtime > lastHeartbeatSeen)) {
+    if (
+      next.heartbeatMtime !== null &&
+      (lastHeartbeatSeen === null || next.heartbeatMtime > lastHeartbeatSeen)
+    ) {
       if (lastHeartbeatSeen !== null || (startedAt !== null && next.heartbeatMtime > startedAt)) {
         noteActivity('heartbeat', Math.min(next.heartbeatMtime, Date.now()));
       }
@@ -150,24 +167,41 @@ export async function sessionWorkflow(input: SessionWorkflowInput): Promise<void
     log.info('session state changed', { sessionId, state: next, containerName });
   };
 
-  if (input.searchAttributes !== false) upsertSearchAttributes({ SessionId: [sessionId], ContainerState: [state] });
+  if (input.searchAttributes !== false)
+    upsertSearchAttributes({ SessionId: [sessionId], ContainerState: [state] });
 
   const maxHistory = input.maxHistoryEvents ?? DEFAULT_MAX_HISTORY_EVENTS;
   const historyFull = (): boolean =>
     workflowInfo().continueAsNewSuggested || workflowInfo().historyLength >= maxHistory;
 
   for (;;) {
-    await condition(() => pendingWake || stopRequest !== null || historyFull());
-    stopRequest = null;
-
+    if (counters.retryWakeAt !== null) {
+      nextDeadline = { kind: 'retry', at: counters.retryWakeAt };
+      const woken = await condition(
+        () => pendingWake || historyFull(),
+        Math.max(0, counters.retryWakeAt - Date.now()),
+      );
+      // The retry time came with no other wake: messages are still pending, so wake for them.
+      if (!woken) pendingWake = true;
+    } else {
+      await condition(() => pendingWake || historyFull());
+    }
     if (!pendingWake) {
       // Only history pressure woke us: roll over with everything a signal changed so far.
       await condition(allHandlersFinished);
       await continueAsNew<typeof sessionWorkflow>({ ...input, carried: { ...counters, pendingWake } });
     }
     pendingWake = false;
+    counters.retryWakeAt = null;
+    nextDeadline = null;
+    // A stop that arrived while no container ran has nothing left to stop.
+    stopRequest = null;
 
-    const backoffUntil = restartBackoffUntil(counters.failedStarts, Date.now(), input.restartBudget ?? DEFAULT_RESTART_BUDGET);
+    const backoffUntil = restartBackoffUntil(
+      counters.failedStarts,
+      Date.now(),
+      input.restartBudget ?? DEFAULT_RESTART_BUDGET,
+    );
     if (backoffUntil !== null) {
       setState('backoff');
       nextDeadline = { kind: 'restart-backoff', at: backoffUntil };
@@ -207,11 +241,29 @@ export async function sessionWorkflow(input: SessionWorkflowInput): Promise<void
     } catch (error) {
       counters.lastError = describeFailure(error);
       counters.failedStarts = [...counters.failedStarts, Date.now()].slice(-20);
+      counters.consecutiveStartFailures += 1;
+      if (!isNonRetryable(error)) {
+        // A cause that may pass (Docker down, an engine error): try again by itself, backing off, so the
+        // pending messages are not left waiting for the next message. Bad input waits for the next wake.
+        const delay = Math.min(
+          MAX_START_RETRY_MS,
+          FIRST_START_RETRY_MS * 2 ** (counters.consecutiveStartFailures - 1),
+        );
+        counters.retryWakeAt = Date.now() + delay;
+      }
       containerName = null;
       setState('idle');
-      log.warn('session start failed', { sessionId, error: counters.lastError });
+      log.warn('session start failed', {
+        sessionId,
+        error: counters.lastError,
+        retryAt: counters.retryWakeAt,
+      });
       continue;
     }
+    counters.consecutiveStartFailures = 0;
+    // Every wake so far is served by this container: it reads all of inbound.db, including
+    // messages written while it was starting. A wake from now on counts as activity instead.
+    pendingWake = false;
     startedAt = spawned.startedAt;
     observation = null;
     lastHeartbeatSeen = null;
@@ -241,6 +293,8 @@ export async function sessionWorkflow(input: SessionWorkflowInput): Promise<void
       logPath: recorded.logPath,
       failedMessages: recorded.failedMessages,
     };
+    // Messages retried after a stuck or crashed container wait out their backoff; wake when the first is due.
+    counters.retryWakeAt = recorded.nextRetryAt;
     if (outcome.reason === 'crash') counters.failedStarts = [...counters.failedStarts, Date.now()].slice(-20);
     containerName = null;
     startedAt = null;
@@ -294,6 +348,7 @@ export async function sessionWorkflow(input: SessionWorkflowInput): Promise<void
       if (exit !== null || supervisionError !== null) break;
       if (stopRequest !== null) {
         reason = 'stop-request';
+        stopRequest = null;
         break;
       }
 
@@ -368,7 +423,11 @@ export async function sessionWorkflow(input: SessionWorkflowInput): Promise<void
       plan.stuck,
     );
     if (decision.action === 'stop') {
-      log.warn('session container looks stuck', { sessionId, reason: decision.reason, detail: decision.detail });
+      log.warn('session container looks stuck', {
+        sessionId,
+        reason: decision.reason,
+        detail: decision.detail,
+      });
       counters.lastError = `stopped as stuck: ${decision.detail}`;
       return true;
     }
@@ -385,10 +444,15 @@ function freshState(): CarriedState {
     lastActivityAt: null,
     lastActivitySource: null,
     failedStarts: [],
+    consecutiveStartFailures: 0,
+    retryWakeAt: null,
     lastError: null,
     lastExit: null,
   };
 }
+
+const FIRST_START_RETRY_MS = 10_000;
+const MAX_START_RETRY_MS = 5 * 60_000;
 
 const DEFAULT_RESTART_BUDGET = { maxFailures: 5, windowMs: 10 * 60_000 };
 
@@ -406,9 +470,25 @@ export function restartBackoffUntil(
 
 /** Builds a Docker-valid container name that is the same for every retry of one spawn. */
 export function containerNameFor(folder: string, sessionId: string, spawnCount: number): string {
-  const safeFolder = folder.toLowerCase().replace(/[^a-z0-9_.-]/g, '-').slice(0, 40);
-  const shortSession = sessionId.replace(/^sess-/, '').replace(/[^a-zA-Z0-9]/g, '').slice(0, 12);
+  const safeFolder = folder
+    .toLowerCase()
+    .replace(/[^a-z0-9_.-]/g, '-')
+    .slice(0, 40);
+  const shortSession = sessionId
+    .replace(/^sess-/, '')
+    .replace(/[^a-zA-Z0-9]/g, '')
+    .slice(0, 12);
   return `berth-${safeFolder}-${shortSession}-${spawnCount}`;
+}
+
+/** Returns true when the failure, or the activity failure's cause, is marked non-retryable. */
+function isNonRetryable(error: unknown): boolean {
+  if (error instanceof ApplicationFailure) return error.nonRetryable === true;
+  if (error instanceof Error) {
+    const cause = (error as Error & { cause?: unknown }).cause;
+    return cause !== undefined && isNonRetryable(cause);
+  }
+  return false;
 }
 
 function describeFailure(error: unknown): string {
@@ -421,7 +501,7 @@ function describeFailure(error: unknown): string {
   return String(error);
 }
 
-function activitiesFor(taskQueue: string) {
+function activitiesFor(taskQueue: string, superviseHeartbeatTimeoutMs: number) {
   const retry = { initialInterval: '1s', backoffCoefficient: 2, maximumInterval: '30s' };
   return {
     prepare: proxyActivities<Activities>({
@@ -443,7 +523,7 @@ function activitiesFor(taskQueue: string) {
     supervise: proxyActivities<Activities>({
       taskQueue,
       startToCloseTimeout: '30d',
-      heartbeatTimeout: '30s',
+      heartbeatTimeout: superviseHeartbeatTimeoutMs,
       retry: { ...retry, maximumAttempts: 20 },
     }),
     control: proxyActivities<Activities>({
@@ -458,4 +538,3 @@ function activitiesFor(taskQueue: string) {
     }),
   };
 }
-

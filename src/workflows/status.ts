@@ -15,7 +15,7 @@ export interface SessionStatus {
   startedAt: number | null;
   lastActivityAt: number | null;
   lastActivitySource: ActivitySource | null;
-  nextDeadline: { kind: 'idle' | 'lifetime' | 'pause' | 'restart-backoff'; at: number } | null;
+  nextDeadline: { kind: 'idle' | 'lifetime' | 'pause' | 'restart-backoff' | 'retry'; at: number } | null;
   wakeCount: number;
   activityCount: number;
   spawnCount: number;
