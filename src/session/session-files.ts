@@ -375,7 +375,9 @@ export function earliestRetryAt(sessionDir: string): number | null {
   if (!fs.existsSync(inboundPath(sessionDir))) return null;
   const row = withDb(inboundPath(sessionDir), 'read', (db) =>
     db
-      .prepare("SELECT MIN(process_after) AS at FROM messages_in WHERE status = 'pending' AND process_after IS NOT NULL")
+      .prepare(
+        "SELECT MIN(process_after) AS at FROM messages_in WHERE status = 'pending' AND process_after IS NOT NULL",
+      )
       .get(),
   ) as { at: string | null };
   return row.at === null ? null : Date.parse(row.at);
