@@ -68,6 +68,21 @@ describe('berth CLI end to end', () => {
     expect(summary!.containerName).toMatch(/^berth-main-/);
   }, 120_000);
 
+  it('search attributes find the session', async () => {
+    const query = `SessionId = '${mainSessionId}' AND ContainerState = 'running'`;
+    const found = await waitFor(
+      `a workflow matching ${query}`,
+      async () => {
+        const ids: string[] = [];
+        for await (const workflow of env.client.workflow.list({ query })) ids.push(workflow.workflowId);
+        return ids.length > 0 ? ids : undefined;
+      },
+      30_000,
+    );
+
+    expect(found).toEqual([`berth-session-${mainSessionId}`]);
+  }, 60_000);
+
   it('concurrent sends share one container', async () => {
     const texts = Array.from({ length: BURST_SIZE }, (_, index) => `burst ${index}`);
     const seenContainers = new Set<string>();
