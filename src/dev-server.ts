@@ -27,6 +27,13 @@ export async function startDevServer(
 ): Promise<DevServer> {
   const [host = '127.0.0.1', portText = '7233'] = settings.temporalAddress.split(':');
   const port = Number(portText);
+  const pidFile = path.join(settings.dataDir, 'temporal-server.pid');
+  const dbFile = path.join(settings.dataDir, 'temporal.db');
+  if ((await portOpen(host, port)) && stopLeftoverServer(pidFile, dbFile)) {
+    // A berth process killed without a chance to clean up left its dev server running.
+    const freeBy = Date.now() + 10_000;
+    while ((await portOpen(host, port)) && Date.now() < freeBy) await sleep(200);
+  }
   if (await portOpen(host, port)) {
     throw new Error(
       `Port ${settings.temporalAddress} is already in use. Stop the other Temporal server, or run "berth worker" against it.`,
@@ -54,6 +61,7 @@ export async function startDevServer(
   const logFile = fs.openSync(path.join(settings.dataDir, 'temporal-server.log'), 'a');
   const child: ChildProcess = spawn(temporalCliPath(), args, { stdio: ['ignore', logFile, logFile] });
   fs.closeSync(logFile);
+  if (child.pid !== undefined) fs.writeFileSync(pidFile, `${child.pid}\n`);
   let exited = false;
   child.on('exit', (code) => {
     exited = true;
@@ -97,4 +105,28 @@ function portOpen(host: string, port: number): Promise<boolean> {
     });
     socket.once('error', () => resolve(false));
   });
+}
+
+/**
+ * Stops a dev server that an earlier berth process started for this data
+ * directory and left behind (its pid file names a live `temporal server
+ * start-dev` using this directory's database). Returns whether it sent a stop.
+ */
+function stopLeftoverServer(pidFile: string, dbFile: string): boolean {
+  let pid: number;
+  try {
+    pid = Number(fs.readFileSync(pidFile, 'utf8').trim());
+  } catch {
+    return false;
+  }
+  let commandLine: string;
+  try {
+    commandLine = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').join(' ');
+  } catch {
+    return false;
+  }
+  if (!commandLine.includes('start-dev') || !commandLine.includes(dbFile)) return false;
+  logger.warn({ pid }, 'stopping a temporal dev server left by an earlier berth process');
+  process.kill(pid, 'SIGTERM');
+  return true;
 }

@@ -171,6 +171,25 @@ describe('mount validation at spawn', () => {
     expect(await harness.containers()).toEqual([]);
   });
 
+  it('rejects a mount of berth state', async () => {
+    // A root that covers the whole data directory still must not expose other sessions.
+    const harness = await setup({
+      allowlist: (dataDir: string) => ({ allowedRoots: [{ path: dataDir, allowReadWrite: false }] }),
+    });
+    const fixture = harness.createSession('state-mount');
+    const other = harness.createSession('other-group');
+    await harness.wake(other);
+    harness.writeContainerJson('state-mount', {
+      additionalMounts: [{ hostPath: harness.settings.sessionsDir }],
+    });
+
+    const failure = await activityFailure(harness.wake(fixture));
+
+    expect(failure.type).toBe('MountRejectedError');
+    expect(failure.message).toContain("berth's own state");
+    expect(harness.docker.runs.filter((run) => run.spec.name.includes('state-mount'))).toEqual([]);
+  });
+
   it('blocks every mount without an allowlist', async () => {
     const harness = await setup();
     const fixture = harness.createSession('no-allowlist');

@@ -3,6 +3,7 @@ import path from 'node:path';
 import { log } from '@temporalio/activity';
 import { validateMount, validateMounts, loadMountAllowlist } from '../config/mount-allowlist.js';
 import type { BindMount, RunSpec } from '../docker/runtime.js';
+import { MountRejectedError } from '../errors.js';
 import { logger } from '../logger.js';
 import { globalDir } from '../paths.js';
 import { clearCloseRequest, clearProcessingClaims, readProcessingClaims } from '../session/session-files.js';
@@ -131,6 +132,7 @@ export function buildRunSpec(deps: ActivityDeps, context: SessionContext, reques
   }
   const options = { allowlistPath: settings.mountAllowlistPath };
   for (const mount of validateMounts(extra, allowlist, options)) {
+    rejectDataDirOverlap(mount.hostPath, settings);
     mounts.push({ source: mount.hostPath, target: mount.containerPath, readonly: mount.readonly });
   }
   for (const mount of contribution.mounts) {
@@ -231,5 +233,27 @@ function realPathOrSelf(file: string): string {
   } catch (error) {
     if ((error as NodeJS.ErrnoException).code === 'ENOENT') return file;
     throw error;
+  }
+}
+
+/**
+ * Rejects an additional mount that exposes berth's own state: the session, group and group-state
+ * folders and the databases under the data directory, or any folder above the data directory.
+ */
+function rejectDataDirOverlap(hostPath: string, settings: ActivityDeps['settings']): void {
+  const dataDir = realPathOrSelf(settings.dataDir);
+  const protectedPaths = [
+    settings.sessionsDir,
+    settings.groupsDir,
+    path.join(settings.dataDir, 'group-state'),
+    settings.hostDbPath,
+    path.join(settings.dataDir, 'temporal.db'),
+  ].map(realPathOrSelf);
+  const within = (child: string, parent: string): boolean =>
+    child === parent || child.startsWith(parent + path.sep);
+  if (within(dataDir, hostPath) || protectedPaths.some((protectedPath) => within(hostPath, protectedPath))) {
+    throw new MountRejectedError(
+      `Additional mount "${hostPath}" exposes berth's own state under ${dataDir} (sessions, groups or databases). Mount a folder outside it.`,
+    );
   }
 }

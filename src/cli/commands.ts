@@ -170,6 +170,8 @@ export async function collectStatus(
 async function retryingActivity(client: Client, sessionId: string): Promise<SessionSummary['retrying']> {
   const description = await client.workflow.getHandle(sessionWorkflowId(sessionId)).describe();
   for (const pending of description.raw.pendingActivities ?? []) {
+    // Supervision runs for the container's whole life, so a past failure (a worker restart) is not a problem now.
+    if (pending.activityType?.name === 'superviseContainer') continue;
     const attempt = pending.attempt ?? 1;
     if (attempt > 1 || pending.lastFailure) {
       return {
@@ -218,7 +220,8 @@ export function formatStatusTable(summaries: SessionSummary[]): string {
     s.containerName ?? '-',
     s.lastActivity ? `${s.lastActivity}${s.lastActivitySource ? ` (${s.lastActivitySource})` : ''}` : '-',
     s.nextDeadline ? `${s.nextDeadline.kind} at ${s.nextDeadline.at}` : '-',
-    describeProblem(s),
+    // Multi-line errors would break the columns.
+    describeProblem(s).replace(/\s*\n\s*/g, ' '),
   ]);
   const widths = header.map((title, column) =>
     Math.max(title.length, ...rows.map((row) => row[column]!.length)),

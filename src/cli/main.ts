@@ -138,6 +138,8 @@ export function buildProgram(): Command {
     .option('--thread <id>', 'thread id within the group; each thread has its own session')
     .option('--wait <seconds>', 'wait this many seconds for replies and print them', positiveNumber)
     .action(async (folder: string, text: string, options: { thread?: string; wait?: number }) => {
+      if (text.trim() === '')
+        throw new InvalidArgumentError('the message text is empty; give the text to send.');
       const settings = loadSettings();
       await withClient(settings, async (client, hostDb) => {
         const queued = await sendMessage(settings, hostDb, client, {
@@ -151,8 +153,10 @@ export function buildProgram(): Command {
           timeoutMs: options.wait * 1000,
         });
         if (count === 0) {
+          const [summary] = await collectStatus(settings, hostDb, client, queued.session.id);
+          const cause = summary?.retrying?.lastFailure ?? summary?.lastError;
           throw new Error(
-            `No reply from session ${queued.session.id} within ${options.wait} s. The message stays pending in its inbound.db; check "berth status ${queued.session.id}" and that a worker runs.`,
+            `No reply from session ${queued.session.id} within ${options.wait} s${cause ? `; the session reports: ${cause}` : ''}. The message stays pending in its inbound.db; check "berth status ${queued.session.id}" and that a worker runs.`,
           );
         }
       });
