@@ -496,7 +496,7 @@ describe('recordExit', () => {
     expect(headerValue(log, 'container')).toBe(started.containerName);
     // The mounts come from docker inspect, so a broken container.json does not hide them.
     expect(log).not.toContain('Mounts unknown');
-    expect(log).toMatch(/=== mounts ===\n.*-> \/workspace/);
+    expect(log).toContain('-> /workspace (rw)');
   });
 
   it('retention keeps the newest logs', async () => {
