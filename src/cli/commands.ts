@@ -9,7 +9,12 @@ import { sessionStatus, wakeSession } from '../client/session-client.js';
 import type { HostDb, SessionRecord } from '../db/host-db.js';
 import { NotFoundError } from '../errors.js';
 import { sessionDir } from '../paths.js';
-import { initSessionFiles, insertInboundMessage, outboundPath } from '../session/session-files.js';
+import {
+  initSessionFiles,
+  insertInboundMessage,
+  outboundPath,
+  readFailedMessages,
+} from '../session/session-files.js';
 import type { Settings } from '../settings.js';
 import type { SessionStatus } from '../workflows/status.js';
 
@@ -143,7 +148,7 @@ export async function collectStatus(
     } catch (error) {
       if (!(error instanceof NotFoundError)) throw error;
     }
-    const failed = readFailedCount(sessionDir(settings, group.folder, session.id));
+    const failed = readFailedMessages(sessionDir(settings, group.folder, session.id)).length;
     const retrying = status ? await retryingActivity(client, session.id) : null;
     summaries.push({
       sessionId: session.id,
@@ -182,19 +187,6 @@ async function retryingActivity(client: Client, sessionId: string): Promise<Sess
     }
   }
   return null;
-}
-
-function readFailedCount(dir: string): number {
-  const file = path.join(dir, 'inbound.db');
-  if (!fs.existsSync(file)) return 0;
-  const db = new Database(file, { readonly: true });
-  try {
-    return (
-      db.prepare("SELECT COUNT(*) AS n FROM messages_in WHERE status = 'failed'").get() as { n: number }
-    ).n;
-  } finally {
-    db.close();
-  }
 }
 
 function describeProblem(summary: SessionSummary): string {

@@ -1,14 +1,8 @@
 import { Client, Connection, WorkflowNotFoundError } from '@temporalio/client';
 import { NotFoundError } from '../errors.js';
 import type { Settings } from '../settings.js';
-import {
-  activitySignal,
-  sessionWorkflow,
-  statusQuery,
-  stopSignal,
-  wakeSignal,
-} from '../workflows/session.js';
-import type { ActivitySource, SessionStatus } from '../workflows/status.js';
+import { sessionWorkflow, statusQuery, stopSignal, wakeSignal } from '../workflows/session.js';
+import type { SessionStatus } from '../workflows/status.js';
 import { sessionWorkflowId } from './ids.js';
 
 /** Connects to the Temporal server named in the settings. */
@@ -75,17 +69,6 @@ export async function stopSession(
   } catch (error) {
     throw notFoundOr(error, sessionId);
   }
-}
-
-/** Tells the session's workflow that the agent showed activity, which pushes its idle deadline back. */
-export async function signalActivity(
-  client: Client,
-  sessionId: string,
-  source: ActivitySource,
-): Promise<void> {
-  await client.workflow
-    .getHandle(sessionWorkflowId(sessionId))
-    .signal(activitySignal, { source, at: Date.now() });
 }
 
 function notFoundOr(error: unknown, sessionId: string): unknown {
