@@ -1,7 +1,7 @@
 /**
  * One class per cause. Activities turn these into ApplicationFailures whose
- * `type` is the class name, and the `nonRetryable` flag says whether Temporal
- * should try again: bad input never fixes itself, an unreachable engine might.
+ * `type` is the class name, and the `nonRetryable` flag decides whether Temporal
+ * retries. Bad input never fixes itself, but an unreachable engine may come back.
  */
 export abstract class BerthError extends Error {
   abstract readonly nonRetryable: boolean;

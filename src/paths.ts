@@ -28,7 +28,7 @@ export function groupPaths(settings: Settings, folder: string): GroupPaths {
   };
 }
 
-/** The global folder, mounted read-only at /workspace/global when it exists. */
+/** Returns the global folder, mounted read-only at /workspace/global when it exists. */
 export function globalDir(settings: Settings): string {
   return path.join(settings.groupsDir, 'global');
 }

@@ -620,7 +620,7 @@ describe('session workflow', { timeout: 60_000 }, () => {
   describe('self-retry', () => {
     it('retryable start failure retries by itself', async () => {
       await withSession({}, async (session) => {
-        // As many failures as the image activity's own attempts, so the workflow sees the failure.
+        // As many failures as the image activity's own attempts, so the workflow receives the failure.
         session.engine.failImageChecks(
           3,
           ApplicationFailure.retryable('Cannot connect to the Docker daemon', 'ContainerRuntimeError'),
@@ -652,7 +652,7 @@ describe('session workflow', { timeout: 60_000 }, () => {
         session.engine.nextRetryAt = null;
 
         await advance(2 * 60 * MINUTE);
-        // The idle timer may stop the second container again before a query sees it running.
+        // The idle timer may stop the second container again before a query observes it running.
         await session.waitFor('started again', (s) => s.spawnCount === 2);
         expect(session.engine.spawns).toHaveLength(2);
       });

@@ -418,7 +418,7 @@ async function handleMessage(outbound, message) {
 // --- main loop ----------------------------------------------------------------
 
 // The heartbeat is touched only while there is work, so an idle agent lets the
-// host's idle timer run out; the host reads a stale heartbeat with no pending
+// host's idle timer run out. The host treats a stale heartbeat with no pending
 // work as idle, not stuck.
 async function poll() {
   await withOutbound(async (outbound) => {

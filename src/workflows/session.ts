@@ -79,8 +79,8 @@ export interface SessionWorkflowInput {
 }
 
 // NOTE: the workflow continues as new only between containers. A running container adds at most one
-// observation per 5 s plus its activity signals until its maximum lifetime, which the default lifetime
-// keeps far below Temporal's history limits; a much longer lifetime would need a handover mid-run.
+// observation per 5 s plus its activity signals until its maximum lifetime. The default lifetime keeps
+// that far below Temporal's history limits, but a much longer lifetime would need a handover mid-run.
 const DEFAULT_MAX_HISTORY_EVENTS = 5000;
 const DEFAULT_SUPERVISE_HEARTBEAT_TIMEOUT_MS = 30_000;
 

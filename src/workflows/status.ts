@@ -3,10 +3,10 @@ export type SessionState = 'idle' | 'starting' | 'running' | 'paused' | 'stoppin
 
 export const ACTIVITY_SOURCES = ['start', 'inbound', 'delivery', 'heartbeat', 'output'] as const;
 
-/** What reset the idle timer last: a start, a new inbound message, a delivered reply, a heartbeat touch or a streamed block. */
+/** The source that reset the idle timer last: a start, a new inbound message, a delivered reply, a heartbeat touch or a streamed block. */
 export type ActivitySource = (typeof ACTIVITY_SOURCES)[number];
 
-/** The answer of the session workflow's `status` query. */
+/** The result of the session workflow's `status` query. */
 export interface SessionStatus {
   sessionId: string;
   state: SessionState;

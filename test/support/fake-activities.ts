@@ -211,7 +211,7 @@ export class FakeEngine {
   /**
    * Waits for the container's exit while heartbeating. The server holds a
    * time-skipping lock for every scheduled activity, so this one gives its
-   * lock up while it waits, and whoever ends the container takes it back
+   * lock up while it waits, and the call that ends the container takes it back
    * first. The lock counter thus never drops below what the rest holds.
    */
   async supervise(name: string): Promise<ContainerExit> {
