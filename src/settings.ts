@@ -32,6 +32,8 @@ const settingsSchema = z.object({
   BERTH_RESTART_BUDGET: positiveSeconds.default(5),
   BERTH_RESTART_WINDOW_SECONDS: positiveSeconds.default(600),
   BERTH_EXIT_LOGS_KEPT: positiveSeconds.default(20),
+  // A run that has just taken a container over already has several events, and a limit near that would roll over again at once.
+  BERTH_HISTORY_EVENT_LIMIT: z.coerce.number().int().min(50).default(5000),
   BERTH_LOG_LEVEL: z.string().default('info'),
   BERTH_DELIVERY_POLL_MS: positiveSeconds.default(500),
   BERTH_MOUNT_ALLOWLIST: z
@@ -75,6 +77,8 @@ export interface Settings {
   restartBudget: number;
   restartWindowSeconds: number;
   exitLogsKept: number;
+  /** A session's workflow continues as new once its history has this many events. */
+  historyEventLimit: number;
   /** Exit logs carry full output even after a clean exit (BERTH_LOG_LEVEL=debug). */
   debugExitLogs: boolean;
   deliveryPollMs: number;
@@ -119,6 +123,7 @@ export function loadSettings(env: NodeJS.ProcessEnv = process.env): Settings {
     restartBudget: values.BERTH_RESTART_BUDGET,
     restartWindowSeconds: values.BERTH_RESTART_WINDOW_SECONDS,
     exitLogsKept: values.BERTH_EXIT_LOGS_KEPT,
+    historyEventLimit: values.BERTH_HISTORY_EVENT_LIMIT,
     debugExitLogs: values.BERTH_LOG_LEVEL === 'debug' || values.BERTH_LOG_LEVEL === 'trace',
     deliveryPollMs: values.BERTH_DELIVERY_POLL_MS,
     mountAllowlistPath: values.BERTH_MOUNT_ALLOWLIST,

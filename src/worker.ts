@@ -112,6 +112,8 @@ export async function createBerthWorker(options: BerthWorkerOptions): Promise<Be
     namespace: settings.namespace,
     taskQueue: settings.hostTaskQueue,
     activities: createActivities(deps),
+    // A cancellation reaches supervision only with a heartbeat's reply, so this bounds how long a handover waits.
+    maxHeartbeatThrottleInterval: '5s',
   });
   const delivery = new DeliveryLoop(settings, hostDb, deliverer, signals);
 

@@ -9,6 +9,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { LABELS } from '../src/activities/spawn.js';
 import { sendMessage, type QueuedMessage } from '../src/cli/commands.js';
+import { sessionWorkflowId } from '../src/client/ids.js';
 import { connectClient, sessionStatus, stopSession } from '../src/client/session-client.js';
 import { HostDb } from '../src/db/host-db.js';
 import { CallbackSink, type DeliveredMessage } from '../src/delivery/deliverer.js';
@@ -76,8 +77,8 @@ function configureGroup(folder: string, config: object): void {
   fs.writeFileSync(containerJson, JSON.stringify(config));
 }
 
-function send(folder: string, text: string): Promise<QueuedMessage> {
-  return sendMessage(install.settings, hostDb, client, { folder, text });
+function send(folder: string, text: string, settings = install.settings): Promise<QueuedMessage> {
+  return sendMessage(settings, hostDb, client, { folder, text });
 }
 
 function awaitReply(queued: QueuedMessage): Promise<DeliveredMessage> {
@@ -210,5 +211,71 @@ describe('session lifecycle end to end', () => {
 
     expect(running.nextDeadline!.at - running.lastActivityAt!).toBe(groupIdleSeconds * 1000);
     expect(stopped.lastExit).toMatchObject({ reason: 'stop-request', exitKind: 'clean' });
+  });
+
+  it('warm idle pauses, a message unpauses, the pause window stops', async () => {
+    configureGroup('e2e-warm', { idleTimeoutSeconds: 3, warmIdle: { pauseSeconds: 8 } });
+    const first = await send('e2e-warm', 'hello warm');
+    await awaitReply(first);
+
+    const paused = await waitFor(async () => {
+      const status = await sessionStatus(client, first.session.id);
+      return status.state === 'paused' ? status : undefined;
+    }, 'the paused session');
+    const containerName = paused.containerName!;
+    expect(paused.nextDeadline?.kind).toBe('pause');
+    expect((await docker.inspect(containerName))?.state).toBe('paused');
+
+    const second = await send('e2e-warm', 'hello again');
+    const reply = await awaitReply(second);
+    expect(reply.text).toBe('echo: hello again');
+    // The reply came from the same container, unpaused rather than replaced.
+    const woken = await sessionStatus(client, second.session.id);
+    expect(woken.containerName).toBe(containerName);
+    expect(woken.spawnCount).toBe(1);
+
+    const stopped = await awaitExit(second);
+    expect(stopped.spawnCount).toBe(1);
+    expect(stopped.lastExit).toMatchObject({ reason: 'warm-idle-expired', exitKind: 'clean', exitCode: 0 });
+    const log = fs.readFileSync(stopped.lastExit!.logPath, 'utf8');
+    expect(headerValue(log, 'container')).toBe(containerName);
+    expect(headerValue(log, 'stop reason')).toBe('warm-idle-expired');
+    expect(log).toContain('unpause: unpaused to deliver the stop');
+    expect(await docker.inspect(containerName)).toBeNull();
+  });
+
+  it('a running container outlives continue-as-new', async () => {
+    configureGroup('e2e-handover', { idleTimeoutSeconds: 300 });
+    // The first wake starts the workflow, and its input keeps this limit for every later run.
+    const settings = { ...install.settings, historyEventLimit: 60 };
+    const handle = (sessionId: string) => client.workflow.getHandle(sessionWorkflowId(sessionId));
+    const first = await send('e2e-handover', 'message 0', settings);
+    await awaitReply(first);
+    const firstRunId = (await handle(first.session.id).describe()).runId;
+    const { containerName } = await sessionStatus(client, first.session.id);
+
+    const queued = [first];
+    for (let i = 1; i <= 12; i += 1) {
+      const next = await send('e2e-handover', `message ${i}`, settings);
+      await awaitReply(next);
+      queued.push(next);
+    }
+
+    // The handover waits for supervision to see its cancellation, which comes with a heartbeat's reply.
+    await waitFor(async () => {
+      const { runId } = await handle(first.session.id).describe();
+      return runId !== firstRunId ? runId : undefined;
+    }, 'the workflow to continue as new');
+    for (const message of queued) {
+      expect(delivered.filter((reply) => reply.inReplyTo === message.messageId)).toHaveLength(1);
+    }
+    const status = await sessionStatus(client, first.session.id);
+    expect(status).toMatchObject({ state: 'running', containerName, spawnCount: 1 });
+    expect((await docker.inspect(containerName!))?.state).toBe('running');
+
+    await stopSession(client, first.session.id, 'test finished');
+    const stopped = await awaitExit(first);
+    expect(stopped.lastExit).toMatchObject({ reason: 'stop-request', exitKind: 'clean', exitCode: 0 });
+    expect(headerValue(fs.readFileSync(stopped.lastExit!.logPath, 'utf8'), 'container')).toBe(containerName);
   });
 });

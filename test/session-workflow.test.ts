@@ -184,6 +184,42 @@ class TestSession {
     }
   }
 
+  /**
+   * Waits until the latest run has handled every event and supervises its
+   * container alone: its only open activity is a supervision, and only one
+   * supervision runs in the worker. Reads no query, as waitForQuiet.
+   */
+  async waitForSupervision(): Promise<void> {
+    const deadline = Date.now() + WAIT_LIMIT_MS;
+    while (!(await this.isSupervising())) {
+      if (Date.now() > deadline) throw new Error(`Session ${this.sessionId} never settled into supervision`);
+      await new Promise((resolve) => setTimeout(resolve, 25));
+    }
+  }
+
+  /** Waits until run `runId` has completed its last workflow task, or has closed. */
+  async waitForTasks(runId: string): Promise<void> {
+    const run = env.client.workflow.getHandle(this.workflowId, runId);
+    const deadline = Date.now() + WAIT_LIMIT_MS;
+    for (;;) {
+      if ((await run.describe()).status.name !== 'RUNNING') return;
+      if (lastTaskCompleted((await run.fetchHistory()).events ?? [])) return;
+      if (Date.now() > deadline) throw new Error(`Run ${runId} never finished its workflow task`);
+      await new Promise((resolve) => setTimeout(resolve, 10));
+    }
+  }
+
+  private async isSupervising(): Promise<boolean> {
+    const description = await this.handle().describe();
+    if (description.status.name !== 'RUNNING') return false;
+    const pending = description.raw.pendingActivities ?? [];
+    if (pending.length !== 1 || pending[0]?.activityType?.name !== 'superviseContainer') return false;
+    if (this.engine.supervising !== 1) return false;
+
+    const history = await env.client.workflow.getHandle(this.workflowId, description.runId).fetchHistory();
+    return lastTaskCompleted(history.events ?? []);
+  }
+
   private async isQuiet(): Promise<boolean> {
     const description = await this.handle().describe();
     if (description.status.name !== 'RUNNING') return false;
@@ -249,6 +285,8 @@ async function withSession(
     taskQueue: session.taskQueue,
     workflowBundle,
     activities: createFakeActivities(session.engine),
+    // Cancellation reaches an activity with a heartbeat's reply; a handover waits for it.
+    maxHeartbeatThrottleInterval: 100,
   });
   await worker.runUntil(async () => {
     try {
@@ -266,6 +304,27 @@ async function waitForRunChange(session: TestSession, runId: string): Promise<vo
     if (Date.now() > deadline) throw new Error(`Run ${runId} never continued as new`);
     await new Promise((resolve) => setTimeout(resolve, 25));
   }
+}
+
+/**
+ * Sends activity signals one at a time, each after the run has handled the
+ * last, until the workflow continues as new,
+ * then `after` more, which reach the run that took over or the handover in
+ * between. Returns how many it sent.
+ */
+async function signalUntilRollover(session: TestSession, source: ActivitySource, after = 5): Promise<number> {
+  const runId = await session.currentRunId();
+  const at = await env.currentTimeMs();
+  let sent = 0;
+  while ((await session.currentRunId()) === runId) {
+    if (sent >= 500) throw new Error(`Run ${runId} did not continue as new after ${sent} signals`);
+    await session.activity(source, at);
+    sent += 1;
+    // A run cannot complete while new signals keep arriving, so each signal waits until the last is handled.
+    await session.waitForTasks(runId);
+  }
+  for (let i = 0; i < after; i += 1) await session.activity(source, at);
+  return sent + after;
 }
 
 /** Moves the test server's clock forward, firing every timer on the way. */
@@ -529,28 +588,25 @@ describe('session workflow', { timeout: 60_000 }, () => {
 
   it('continue-as-new keeps every activity signal', async () => {
     const plan = { idleTimeoutMs: 10 * MINUTE };
-    await withSession({ plan, input: { maxHistoryEvents: 30 } }, async (session) => {
+    await withSession({ plan, input: { maxHistoryEvents: 80 } }, async (session) => {
       let sent = 0;
-      // One signal after another, so that some arrive while a run is handing over to the next.
       const burst = async (source: ActivitySource): Promise<void> => {
         const at = await env.currentTimeMs();
-        for (let i = 0; i < 10; i += 1) {
-          await session.activity(source, at);
-          sent += 1;
-        }
+        for (let i = 0; i < 10; i += 1) await session.activity(source, at);
+        sent += 10;
       };
 
       await session.wakeAndRun();
       await burst('delivery');
       await advance(11 * MINUTE);
       await session.waitForQuiet();
-      const idleRunId = await session.currentRunId();
-      await burst('output');
-      await burst('delivery');
-      await waitForRunChange(session, idleRunId);
+      // Rolls over while idle.
+      sent += await signalUntilRollover(session, 'output');
       await session.waitForQuiet();
       await session.wakeAndRun();
-      await burst('output');
+      // Rolls over while the second container runs.
+      sent += await signalUntilRollover(session, 'delivery');
+      await session.waitForSupervision();
       await session.handle().signal(stopSignal, { reason: 'test' });
       await burst('delivery');
       await session.waitForQuiet();
@@ -560,7 +616,84 @@ describe('session workflow', { timeout: 60_000 }, () => {
       // Each of the two starts counts as activity too.
       expect(settled.activityCount).toBe(sent + 2);
       expect(session.engine.spawns).toHaveLength(2);
-      expect(idleRunId).not.toBe(session.firstRunId);
+      expect(session.engine.exits.map((exit) => exit.stopReason)).toEqual(['idle', 'stop-request']);
+    });
+  });
+
+  describe('continue-as-new while a container runs', () => {
+    const input = { maxHistoryEvents: 80 };
+
+    it('next run takes the running container over', async () => {
+      const plan = { idleTimeoutMs: 10 * MINUTE };
+      await withSession({ plan, input }, async (session) => {
+        await session.wakeAndRun();
+        const firstRunId = await session.currentRunId();
+        const at = await env.currentTimeMs();
+        const sent = 50;
+        for (let i = 0; i < sent; i += 1) await session.activity('output', at);
+
+        await waitForRunChange(session, firstRunId);
+        await session.waitForSupervision();
+        const handedOver = await session.status();
+        expect(handedOver.state).toBe('running');
+        expect(handedOver.containerName).toBe(session.engine.spawns[0]);
+        // The start counts as activity too.
+        expect(handedOver.activityCount).toBe(sent + 1);
+        expect(handedOver.nextDeadline).toEqual({ kind: 'idle', at: at + 10 * MINUTE });
+        expect(session.engine.spawns).toHaveLength(1);
+        expect(session.engine.live()).toEqual(session.engine.spawns);
+
+        await advance(11 * MINUTE);
+        await session.waitFor('idle', (s) => s.state === 'idle' && s.lastExit !== null);
+        expect(session.engine.stops).toEqual([
+          { containerName: session.engine.spawns[0], reason: 'idle', closeRequest: true },
+        ]);
+        expect(session.engine.exits.map((exit) => exit.stopReason)).toEqual(['idle']);
+      });
+    });
+
+    it('paused container stays paused and keeps its pause deadline', async () => {
+      const plan = { idleTimeoutMs: 5 * MINUTE, warmIdlePauseMs: 10 * MINUTE };
+      await withSession({ plan, input }, async (session) => {
+        await session.wakeAndRun();
+        await advance(6 * MINUTE);
+        const paused = await session.waitFor('paused', (s) => s.state === 'paused');
+        expect(paused.nextDeadline?.kind).toBe('pause');
+        const pausedRunId = await session.currentRunId();
+
+        // Observations with no heartbeat are no activity, so they fill the history and leave the pause alone.
+        for (let i = 0; i < 30; i += 1) await session.observe({});
+        await waitForRunChange(session, pausedRunId);
+        await session.waitForSupervision();
+
+        const handedOver = await session.status();
+        expect(handedOver.state).toBe('paused');
+        expect(handedOver.nextDeadline).toEqual(paused.nextDeadline);
+        expect(session.engine.unpauses).toEqual([]);
+
+        await advance(11 * MINUTE);
+        await session.waitFor('idle', (s) => s.state === 'idle' && s.lastExit !== null);
+        expect(session.engine.spawns).toHaveLength(1);
+        expect(session.engine.stops.map((stop) => stop.reason)).toEqual(['warm-idle-expired']);
+      });
+    });
+
+    it('container that exits between two runs is recorded once', async () => {
+      await withSession({ input }, async (session) => {
+        await session.wakeAndRun();
+        // The old run has ended its supervision by now; the new run's may not have started yet.
+        await signalUntilRollover(session, 'output', 0);
+        await session.engine.crash(session.engine.spawns[0]!, 1);
+        await session.waitForQuiet();
+
+        const settled = await session.status();
+        expect(settled.state).toBe('idle');
+        expect(settled.lastExit?.reason).toBe('crash');
+        expect(session.engine.exits).toEqual([
+          { containerName: session.engine.spawns[0], stopReason: 'crash', failedClaims: true, exitCode: 1 },
+        ]);
+        expect(session.engine.spawns).toHaveLength(1);
+      });
     });
   });
 

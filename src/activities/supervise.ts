@@ -26,7 +26,9 @@ export function createSuperviseActivities(deps: ActivityDeps) {
      * observations to the workflow, and heartbeats to Temporal. A retry after
      * a worker crash picks the same container up again and reads its stdout
      * from the start, and the delivered table skips the blocks delivered before.
-     * Returns the exit; never stops or removes the container, even when cancelled.
+     * The same holds when the workflow cancels it to hand the container to its
+     * next run. Returns the exit; never stops or removes the container, even
+     * when cancelled.
      */
     async superviseContainer(request: SuperviseRequest): Promise<ContainerExit> {
       return asActivity(() => supervise(deps, request, pollIntervalMs));
@@ -91,6 +93,8 @@ async function supervise(
     }
   } finally {
     abort.abort();
+    // When cancelled for a handover, finish the deliveries under way before the next run's supervision starts.
+    await Promise.allSettled(deliveries);
   }
 }
 

@@ -37,6 +37,7 @@ export async function wakeSession(
         sessionId,
         hostTaskQueue: settings.hostTaskQueue,
         searchAttributes,
+        maxHistoryEvents: settings.historyEventLimit,
         restartBudget: {
           maxFailures: settings.restartBudget,
           windowMs: settings.restartWindowSeconds * 1000,

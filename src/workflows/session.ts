@@ -1,9 +1,12 @@
 import {
+  ActivityCancellationType,
   ApplicationFailure,
+  CancellationScope,
   condition,
   continueAsNew,
   defineQuery,
   defineSignal,
+  isCancellation,
   log,
   proxyActivities,
   setHandler,
@@ -58,6 +61,22 @@ export interface CarriedState {
   retryWakeAt: number | null;
   lastError: string | null;
   lastExit: SessionStatus['lastExit'];
+  /** The container that was still running when the previous run continued as new. */
+  running?: RunningContainer | null;
+}
+
+/** State of a running container that one run hands to the next across continue-as-new. */
+export interface RunningContainer {
+  containerName: string;
+  image: string | null;
+  startedAt: number;
+  /** The plan the container started with. Edits to container.json apply from its next start. */
+  plan: SessionPlan;
+  pausedSince: number | null;
+  nextStuckCheck: number;
+  lastHeartbeatSeen: number | null;
+  observation: SessionObservation | null;
+  stopRequest: string | null;
 }
 
 export interface SessionWorkflowInput {
@@ -78,9 +97,6 @@ export interface SessionWorkflowInput {
   superviseHeartbeatTimeoutMs?: number;
 }
 
-// NOTE: the workflow continues as new only between containers. A running container adds at most one
-// observation per 5 s plus its activity signals until its maximum lifetime. The default lifetime keeps
-// that far below Temporal's history limits, but a much longer lifetime would need a handover mid-run.
 const DEFAULT_MAX_HISTORY_EVENTS = 5000;
 const DEFAULT_SUPERVISE_HEARTBEAT_TIMEOUT_MS = 30_000;
 
@@ -88,26 +104,26 @@ const DEFAULT_SUPERVISE_HEARTBEAT_TIMEOUT_MS = 30_000;
  * One session's container life: waits for a wake, starts the container,
  * keeps it while the agent is active, stops it gracefully when it goes idle,
  * outlives its maximum lifetime or looks stuck, then waits for the next wake.
- * Runs for as long as the session exists and continues-as-new between wakes.
+ * Runs for as long as the session exists. It continues as new whenever its
+ * history grows large, between containers or while one runs.
  */
 export async function sessionWorkflow(input: SessionWorkflowInput): Promise<void> {
   const { sessionId } = input;
-  const carried = input.carried ?? freshState();
+  const { running: handedOver = null, ...counters } = input.carried ?? freshState();
   const acts = activitiesFor(
     input.hostTaskQueue,
     input.superviseHeartbeatTimeoutMs ?? DEFAULT_SUPERVISE_HEARTBEAT_TIMEOUT_MS,
   );
 
   let state: SessionState = 'idle';
-  let pendingWake = carried.pendingWake;
-  let stopRequest: string | null = null;
-  let observation: SessionObservation | null = null;
-  let lastHeartbeatSeen: number | null = null;
-  let containerName: string | null = null;
-  let image: string | null = null;
-  let startedAt: number | null = null;
+  let pendingWake = counters.pendingWake;
+  let stopRequest: string | null = handedOver?.stopRequest ?? null;
+  let observation: SessionObservation | null = handedOver?.observation ?? null;
+  let lastHeartbeatSeen: number | null = handedOver?.lastHeartbeatSeen ?? null;
+  let containerName: string | null = handedOver?.containerName ?? null;
+  let image: string | null = handedOver?.image ?? null;
+  let startedAt: number | null = handedOver?.startedAt ?? null;
   let nextDeadline: SessionStatus['nextDeadline'] = null;
-  const counters = { ...carried };
 
   const noteActivity = (source: ActivitySource, at: number): void => {
     counters.activityCount += 1;
@@ -177,7 +193,68 @@ export async function sessionWorkflow(input: SessionWorkflowInput): Promise<void
   const historyFull = (): boolean =>
     workflowInfo().continueAsNewSuggested || workflowInfo().historyLength >= maxHistory;
 
+  /** Rolls over to a new run once every signal handler has finished, carrying what they changed. */
+  const rollOver = async (running: RunningContainer | null): Promise<never> => {
+    await condition(allHandlersFinished);
+    return continueAsNew<typeof sessionWorkflow>({
+      ...input,
+      carried: { ...counters, pendingWake, running },
+    });
+  };
+
+  let resume = handedOver;
   for (;;) {
+    let plan: SessionPlan;
+    let name: string;
+    if (resume !== null) {
+      // The previous run handed over a container that still runs: supervise it again, never respawn.
+      ({ plan, containerName: name } = resume);
+      setState(resume.pausedSince !== null ? 'paused' : 'running');
+    } else {
+      const started = await waitAndStart();
+      if (started === null) continue;
+      ({ plan, containerName: name } = started);
+    }
+
+    const outcome = await runContainer(plan, name, resume);
+    resume = null;
+    if (outcome.kind === 'handover') return rollOver(outcome.running);
+
+    setState('stopping');
+    nextDeadline = null;
+    const recorded = await acts.record.recordExit({
+      sessionId,
+      containerName: name,
+      image: image ?? '',
+      startedAt: startedAt!,
+      exit: outcome.exit,
+      stopReason: outcome.reason,
+      stopSteps: outcome.steps,
+      failedClaims: outcome.reason === 'stuck' || outcome.reason === 'crash',
+      messageRetry: plan.messageRetry,
+    });
+    counters.lastExit = {
+      reason: outcome.reason,
+      exitKind: recorded.exitKind,
+      exitCode: outcome.exit.exitCode,
+      at: outcome.exit.finishedAt,
+      logPath: recorded.logPath,
+      failedMessages: recorded.failedMessages,
+    };
+    // Messages retried after a stuck or crashed container wait out their backoff; wake when the first is due.
+    counters.retryWakeAt = recorded.nextRetryAt;
+    if (outcome.reason === 'crash') counters.failedStarts = [...counters.failedStarts, Date.now()].slice(-20);
+    containerName = null;
+    startedAt = null;
+    setState('idle');
+  }
+
+  /**
+   * Waits for a wake (continuing as new while none comes), then starts a
+   * container. Returns null when the start failed or the restart backoff was
+   * cut short by a stop, so the caller waits again.
+   */
+  async function waitAndStart(): Promise<{ plan: SessionPlan; containerName: string } | null> {
     if (counters.retryWakeAt !== null) {
       nextDeadline = { kind: 'retry', at: counters.retryWakeAt };
       const woken = await condition(
@@ -189,11 +266,8 @@ export async function sessionWorkflow(input: SessionWorkflowInput): Promise<void
     } else {
       await condition(() => pendingWake || historyFull());
     }
-    if (!pendingWake) {
-      // Only history pressure woke us: roll over with everything a signal changed so far.
-      await condition(allHandlersFinished);
-      await continueAsNew<typeof sessionWorkflow>({ ...input, carried: { ...counters, pendingWake } });
-    }
+    // Only history pressure woke us: roll over with everything a signal changed so far.
+    if (!pendingWake) return rollOver(null);
     pendingWake = false;
     counters.retryWakeAt = null;
     nextDeadline = null;
@@ -213,7 +287,7 @@ export async function sessionWorkflow(input: SessionWorkflowInput): Promise<void
         stopRequest = null;
         setState('idle');
         nextDeadline = null;
-        continue;
+        return null;
       }
     }
 
@@ -261,7 +335,7 @@ export async function sessionWorkflow(input: SessionWorkflowInput): Promise<void
         error: counters.lastError,
         retryAt: counters.retryWakeAt,
       });
-      continue;
+      return null;
     }
     counters.consecutiveStartFailures = 0;
     // Every wake so far is served by this container: it reads all of inbound.db, including
@@ -272,47 +346,25 @@ export async function sessionWorkflow(input: SessionWorkflowInput): Promise<void
     lastHeartbeatSeen = null;
     noteActivity('start', Date.now());
     setState('running');
-
-    const outcome = await runContainer(plan, spawned.containerName);
-
-    setState('stopping');
-    nextDeadline = null;
-    const recorded = await acts.record.recordExit({
-      sessionId,
-      containerName: spawned.containerName,
-      image: image ?? '',
-      startedAt: spawned.startedAt,
-      exit: outcome.exit,
-      stopReason: outcome.reason,
-      stopSteps: outcome.steps,
-      failedClaims: outcome.reason === 'stuck' || outcome.reason === 'crash',
-      messageRetry: plan.messageRetry,
-    });
-    counters.lastExit = {
-      reason: outcome.reason,
-      exitKind: recorded.exitKind,
-      exitCode: outcome.exit.exitCode,
-      at: outcome.exit.finishedAt,
-      logPath: recorded.logPath,
-      failedMessages: recorded.failedMessages,
-    };
-    // Messages retried after a stuck or crashed container wait out their backoff; wake when the first is due.
-    counters.retryWakeAt = recorded.nextRetryAt;
-    if (outcome.reason === 'crash') counters.failedStarts = [...counters.failedStarts, Date.now()].slice(-20);
-    containerName = null;
-    startedAt = null;
-    setState('idle');
+    return { plan, containerName: spawned.containerName };
   }
 
-  /** Supervises one container until it exits or a deadline stops it. */
+  /**
+   * Supervises one container until it exits, a deadline stops it, or the
+   * history grows full while it runs. In that last case supervision is
+   * cancelled (the container keeps running) and the container is handed to
+   * the next run, which supervises it again.
+   */
   async function runContainer(
     plan: SessionPlan,
     name: string,
-  ): Promise<{ reason: StopReason; exit: ContainerExit; steps: StopStep[] }> {
+    resumed: RunningContainer | null,
+  ): Promise<ContainerOutcome> {
     let exit: ContainerExit | null = null;
     let supervisionError: unknown = null;
-    const supervision = acts.supervise
-      .superviseContainer({ sessionId, containerName: name, startedAt: startedAt! })
+    const supervisionScope = new CancellationScope();
+    const supervision = supervisionScope
+      .run(() => acts.supervise.superviseContainer({ sessionId, containerName: name, startedAt: startedAt! }))
       .then(
         (result) => {
           exit = result;
@@ -323,9 +375,10 @@ export async function sessionWorkflow(input: SessionWorkflowInput): Promise<void
       );
 
     const lifetimeDeadline = startedAt! + plan.maxLifetimeMs;
-    let nextStuckCheck = Date.now() + plan.stuck.checkIntervalMs;
+    let nextStuckCheck = resumed?.nextStuckCheck ?? Date.now() + plan.stuck.checkIntervalMs;
     let reason: StopReason | null = null;
-    let pausedSince: number | null = null;
+    let pausedSince: number | null = resumed?.pausedSince ?? null;
+    let handover = false;
 
     while (exit === null && supervisionError === null && reason === null) {
       const now = Date.now();
@@ -345,7 +398,8 @@ export async function sessionWorkflow(input: SessionWorkflowInput): Promise<void
           supervisionError !== null ||
           stopRequest !== null ||
           counters.activityCount !== activityBefore ||
-          pendingWake !== wakeBefore,
+          pendingWake !== wakeBefore ||
+          historyFull(),
         Math.max(0, Math.min(nextDeadline.at, nextStuckCheck) - Date.now()),
       );
       if (exit !== null || supervisionError !== null) break;
@@ -361,6 +415,10 @@ export async function sessionWorkflow(input: SessionWorkflowInput): Promise<void
         pendingWake = false;
         setState('running');
         continue;
+      }
+      if (historyFull()) {
+        handover = true;
+        break;
       }
       if (wokeEarly) continue;
 
@@ -379,6 +437,29 @@ export async function sessionWorkflow(input: SessionWorkflowInput): Promise<void
         nextStuckCheck = at + plan.stuck.checkIntervalMs;
         if (pausedSince === null && observation !== null && isStuck(plan, observation, at)) reason = 'stuck';
       }
+    }
+
+    if (handover) {
+      supervisionScope.cancel();
+      await supervision;
+      if (exit === null && isCancellation(supervisionError)) {
+        log.info('handing the running container over to a new run', { sessionId, containerName: name });
+        return {
+          kind: 'handover',
+          running: {
+            containerName: name,
+            image,
+            startedAt: startedAt!,
+            plan,
+            pausedSince,
+            nextStuckCheck,
+            lastHeartbeatSeen,
+            observation,
+            stopRequest,
+          },
+        };
+      }
+      // The container exited, or supervision failed, while the handover waited: finish it here.
     }
 
     let steps: StopStep[] = [];
@@ -410,7 +491,7 @@ export async function sessionWorkflow(input: SessionWorkflowInput): Promise<void
     }
     const finalExit: ContainerExit = exit;
     const finalReason: StopReason = reason ?? (finalExit.exitCode === 0 ? 'exited' : 'crash');
-    return { reason: finalReason, exit: finalExit, steps };
+    return { kind: 'ended', reason: finalReason, exit: finalExit, steps };
   }
 
   function isStuck(plan: SessionPlan, seen: SessionObservation, now: number): boolean {
@@ -438,6 +519,10 @@ export async function sessionWorkflow(input: SessionWorkflowInput): Promise<void
   }
 }
 
+type ContainerOutcome =
+  | { kind: 'ended'; reason: StopReason; exit: ContainerExit; steps: StopStep[] }
+  | { kind: 'handover'; running: RunningContainer };
+
 function freshState(): CarriedState {
   return {
     pendingWake: false,
@@ -451,6 +536,7 @@ function freshState(): CarriedState {
     retryWakeAt: null,
     lastError: null,
     lastExit: null,
+    running: null,
   };
 }
 
@@ -527,6 +613,8 @@ function activitiesFor(taskQueue: string, superviseHeartbeatTimeoutMs: number) {
       taskQueue,
       startToCloseTimeout: '30d',
       heartbeatTimeout: superviseHeartbeatTimeoutMs,
+      // A handover to the next run waits until this supervision has really stopped, so two never overlap.
+      cancellationType: ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
       retry: { ...retry, maximumAttempts: 20 },
     }),
     control: proxyActivities<Activities>({

@@ -109,6 +109,8 @@ export class FakeEngine {
   private spawnFailure: Error | null = null;
   imageFailure: Error | null = null;
   imageFailuresLeft = 0;
+  /** How many supervisions are waiting on a container right now. */
+  supervising = 0;
   /** What recordExit reports as the earliest message retry time. */
   nextRetryAt: number | null = null;
 
@@ -225,13 +227,15 @@ export class FakeEngine {
       container.lockReleased = true;
       await lock.unlock();
     }
+    this.supervising += 1;
     try {
       while (container.state !== 'exited') {
         context.heartbeat();
-        // Throws once the activity is cancelled, when the worker shuts down.
+        // Throws once the activity is cancelled: at a handover, or when the worker shuts down.
         await context.sleep(HEARTBEAT_EVERY_MS);
       }
     } finally {
+      this.supervising -= 1;
       await this.retakeLock(container);
     }
     return container.exit;
