@@ -47,6 +47,11 @@ export class CredentialsUnavailableError extends BerthError {
   readonly nonRetryable = false;
 }
 
+/** The OneCLI gateway rejected a request with a 4xx status, such as an invalid API key, and the settings require credentials. */
+export class CredentialsRejectedError extends BerthError {
+  readonly nonRetryable = true;
+}
+
 /** A timestamp read from a session database or another input is not in a recognised format. */
 export class InvalidTimestampError extends BerthError {
   readonly nonRetryable = true;

@@ -2,7 +2,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
-import { CredentialsUnavailableError } from '../src/errors.js';
+import { CredentialsRejectedError, CredentialsUnavailableError } from '../src/errors.js';
 import { logger } from '../src/logger.js';
 import { createOneCli, type AgentIdentity } from '../src/onecli/onecli.js';
 import {
@@ -119,6 +119,26 @@ describe('ensureAgent', () => {
 
     expect(result).toEqual({ ensured: false });
     expect(gateway.calls).toHaveLength(1);
+  });
+
+  it('rejection is not retryable when required', async () => {
+    const onecli = createOneCli({ url: gateway.url, requireCredentials: true }, fastRetry);
+
+    const failure = onecli.ensureAgent({ agentGroupId: 'Not Valid', agentGroupName: 'Team B' });
+
+    await expect(failure).rejects.toThrow(CredentialsRejectedError);
+    await expect(failure).rejects.toThrow('"Team B" (Not Valid) with HTTP 400');
+    await expect(failure).rejects.toThrow('Check ONECLI_API_KEY');
+    await expect(failure).rejects.toMatchObject({ nonRetryable: true });
+    expect(gateway.calls).toHaveLength(1);
+  });
+
+  it('retries a 429 status', async () => {
+    const onecli = createOneCli({ url: gateway.url, requireCredentials: true }, fastRetry);
+    gateway.failNext(2, 429);
+
+    expect(await onecli.ensureAgent(identity)).toEqual({ ensured: true });
+    expect(gateway.calls).toHaveLength(3);
   });
 });
 
@@ -269,6 +289,16 @@ describe('applyContainerConfig', () => {
     await expect(onecli.applyContainerConfig(identity, baseArgs)).rejects.toThrow(
       CredentialsUnavailableError,
     );
+  });
+
+  it('unknown agent is rejected when required', async () => {
+    const onecli = createOneCli({ url: gateway.url, requireCredentials: true }, fastRetry);
+
+    const failure = onecli.applyContainerConfig(identity, baseArgs);
+
+    await expect(failure).rejects.toThrow(CredentialsRejectedError);
+    await expect(failure).rejects.toThrow(/HTTP 404/);
+    expect(gateway.calls).toHaveLength(1);
   });
 
   it('does not retry an unknown agent', async () => {

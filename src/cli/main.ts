@@ -95,11 +95,16 @@ async function startChat(settings: Settings): Promise<void> {
     if (closing) return;
     closing = true;
     input.close();
+    // The worker and the dev server may each take several seconds to stop, so the user sees why the prompt is gone.
+    process.stderr.write(
+      '\nStopping the worker and the Temporal dev server. Agent containers keep running and are supervised again at the next start...\n',
+    );
     await worker.shutdown();
     await workerRun.catch(() => undefined);
     hostDb.close();
     await client.connection.close();
     await server.stop();
+    process.stderr.write('berth stopped.\n');
   };
   process.once('SIGINT', () => void close());
   for await (const line of input) {
@@ -128,7 +133,7 @@ async function startChat(settings: Settings): Promise<void> {
 export function buildProgram(): Command {
   const program = new Command('berth')
     .description('A durable container runner for AI-agent sessions, on Temporal.')
-    .showHelpAfterError();
+    .showHelpAfterError('(add --help for usage)');
 
   program
     .command('send')

@@ -1,6 +1,6 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import { OneCLI as OneCliSdk, OneCLIError, OneCLIRequestError } from '@onecli-sh/sdk';
-import { CredentialsUnavailableError } from '../errors.js';
+import { CredentialsRejectedError, CredentialsUnavailableError } from '../errors.js';
 import { logger } from '../logger.js';
 
 export interface OneCliSettings {
@@ -46,13 +46,16 @@ interface RetryPolicy {
 /**
  * Creates the OneCLI client. Both calls are retried with exponential backoff
  * (`baseDelayMs`, then twice that, and so on) after a network error, a timeout
- * or a 5xx status. `retries` counts the tries after the first: the default of
- * 3 makes 4 tries with 250, 500 and 1000 ms between them. A 4xx status is not
- * retried.
+ * or a 5xx, 408 or 429 status. `retries` counts the tries after the first: the
+ * default of 3 makes 4 tries with 250, 500 and 1000 ms between them. Any other
+ * 4xx status is not retried.
  *
  * When the gateway cannot provide credentials after those tries, or no URL is
- * set, a client with `requireCredentials` throws CredentialsUnavailableError.
- * Otherwise it logs a warning and the container starts without credentials.
+ * set, a client with `requireCredentials` throws CredentialsUnavailableError,
+ * which Temporal retries. A request the gateway rejected with a 4xx status
+ * throws the non-retryable CredentialsRejectedError instead, because retrying
+ * cannot fix an invalid API key. Without `requireCredentials` the client logs
+ * a warning and the container starts without credentials.
  */
 export function createOneCli(
   settings: OneCliSettings,
@@ -68,18 +71,17 @@ export function createOneCli(
   // ONECLI_URL or ONECLI_API_KEY from the environment behind berth's settings.
   const sdk = new OneCliSdk({ url: gatewayUrl, apiKey: settings.apiKey ?? '' });
 
-  // NOTE: a 4xx (invalid API key, rejected identifier) also ends here, and
-  // CredentialsUnavailableError is retryable, so Temporal retries it until the
-  // activity's retry policy gives up. Telling it apart needs a non-retryable class.
-  function handleUnavailable(identity: AgentIdentity, operation: string, error: unknown): void {
+  const handleUnavailable = (identity: AgentIdentity, operation: string, error: unknown): void => {
     if (settings.requireCredentials) {
-      throw unavailableError(identity, gatewayUrl, error);
+      throw isRejection(error)
+        ? rejectedError(identity, gatewayUrl, error)
+        : unavailableError(identity, gatewayUrl, error);
     }
     logger.warn(
       { agentGroupId: identity.agentGroupId, gatewayUrl, operation, err: error },
       'OneCLI credentials unavailable; starting the container without them',
     );
-  }
+  };
 
   return {
     async ensureAgent(identity) {
@@ -172,12 +174,39 @@ async function withRetry<T>(
   }
 }
 
+/** 4xx statuses that a later try may not get: request timeout and too many requests. */
+const TRANSIENT_CLIENT_STATUSES = new Set([408, 429]);
+
 /** The SDK wraps network errors, timeouts and unparseable bodies in plain OneCLIErrors. */
 function isTransient(error: unknown): boolean {
   if (error instanceof OneCLIRequestError) {
-    return error.statusCode >= 500;
+    return error.statusCode >= 500 || TRANSIENT_CLIENT_STATUSES.has(error.statusCode);
   }
   return error instanceof OneCLIError;
+}
+
+/** Returns true for a 4xx status that the same request would get again. */
+function isRejection(error: unknown): error is OneCLIRequestError {
+  return (
+    error instanceof OneCLIRequestError &&
+    error.statusCode >= 400 &&
+    error.statusCode < 500 &&
+    !TRANSIENT_CLIENT_STATUSES.has(error.statusCode)
+  );
+}
+
+function rejectedError(
+  identity: AgentIdentity,
+  gatewayUrl: string,
+  cause: OneCLIRequestError,
+): CredentialsRejectedError {
+  return new CredentialsRejectedError(
+    `OneCLI gateway at ${gatewayUrl} rejected the request for agent group "${identity.agentGroupName}" ` +
+      `(${identity.agentGroupId}) with HTTP ${cause.statusCode}: ${cause.message}. ` +
+      'Check ONECLI_API_KEY and that the gateway accepts the group id as an agent identifier, ' +
+      'or set BERTH_ONECLI_REQUIRED=false to start containers without credentials.',
+    { cause },
+  );
 }
 
 function unavailableError(

@@ -34,10 +34,10 @@ export interface GatewayContainerConfig {
 export interface FakeGateway {
   /** Base URL to pass to the SDK, such as `http://127.0.0.1:40123`. */
   url: string;
-  /** Every request received, in order, including those that got a 503 response. */
+  /** Every request received, in order, including those that got a failure response. */
   calls: GatewayCall[];
-  /** Makes the next `count` requests, whatever their endpoint, fail with 503. */
-  failNext(count: number): void;
+  /** Makes the next `count` requests, whatever their endpoint, fail with `status` (503 unless given). */
+  failNext(count: number, status?: number): void;
   /**
    * While `withhold` is true, container-config requests get 503. The SDK's
    * applyContainerConfig then resolves `false`, its only "no credentials"
@@ -71,6 +71,7 @@ export async function start(config: GatewayContainerConfig = DEFAULT_CONTAINER_C
   const calls: GatewayCall[] = [];
   const agents = new Set<string>();
   let failuresLeft = 0;
+  let failureStatus = 503;
   let withheld = false;
 
   const server = createServer((request, response) => {
@@ -85,7 +86,7 @@ export async function start(config: GatewayContainerConfig = DEFAULT_CONTAINER_C
 
         if (failuresLeft > 0) {
           failuresLeft -= 1;
-          sendJson(response, 503, { error: 'gateway unavailable' });
+          sendJson(response, failureStatus, { error: 'gateway unavailable' });
           return;
         }
         route(request, body, response);
@@ -153,8 +154,9 @@ export async function start(config: GatewayContainerConfig = DEFAULT_CONTAINER_C
   return {
     url: `http://127.0.0.1:${port}`,
     calls,
-    failNext(count) {
+    failNext(count, status = 503) {
       failuresLeft = count;
+      failureStatus = status;
     },
     withholdCredentials(withhold) {
       withheld = withhold;
