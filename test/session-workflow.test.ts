@@ -13,6 +13,7 @@ import {
   statusQuery,
   stopSignal,
   wakeSignal,
+  type CarriedState,
   type SessionWorkflowInput,
 } from '../src/workflows/session.js';
 import type { ActivitySource, SessionStatus } from '../src/workflows/status.js';
@@ -101,6 +102,28 @@ class TestSession {
       signalArgs: [{ reason: 'test' }],
     });
     this.firstRunId ??= handle.signaledRunId;
+  }
+
+  /**
+   * Starts the workflow as a run that continued as new with `carried`, the
+   * way a previous run hands its state over, with no wake signal.
+   */
+  async startCarrying(carried: CarriedState): Promise<void> {
+    const handle = await env.client.workflow.start(sessionWorkflow, {
+      workflowId: this.workflowId,
+      taskQueue: this.taskQueue,
+      args: [
+        {
+          sessionId: this.sessionId,
+          hostTaskQueue: this.taskQueue,
+          searchAttributes: false,
+          superviseHeartbeatTimeoutMs: 24 * 60 * MINUTE,
+          ...this.options.input,
+          carried,
+        },
+      ],
+    });
+    this.firstRunId = handle.firstExecutionRunId;
   }
 
   /** Returns the handle of the latest run, which follows continue-as-new. */
@@ -675,6 +698,48 @@ describe('session workflow', { timeout: 60_000 }, () => {
         await session.waitFor('idle', (s) => s.state === 'idle' && s.lastExit !== null);
         expect(session.engine.spawns).toHaveLength(1);
         expect(session.engine.stops.map((stop) => stop.reason)).toEqual(['warm-idle-expired']);
+      });
+    });
+
+    it('wake carried with paused container unpauses it', async () => {
+      const plan = { idleTimeoutMs: 5 * MINUTE, warmIdlePauseMs: 10 * MINUTE };
+      await withSession({ plan }, async (session) => {
+        const containerName = 'berth-group-one-carried-1';
+        const container = await session.engine.spawn(containerName);
+        session.engine.setState(containerName, 'paused');
+        const now = await env.currentTimeMs();
+
+        // The wake reached the previous run while it was handing the paused container over.
+        await session.startCarrying({
+          pendingWake: true,
+          spawnCount: 1,
+          wakeCount: 2,
+          activityCount: 3,
+          lastActivityAt: now,
+          lastActivitySource: 'inbound',
+          failedStarts: [],
+          consecutiveStartFailures: 0,
+          retryWakeAt: null,
+          lastError: null,
+          lastExit: null,
+          running: {
+            containerName,
+            image: 'berth-agent:latest',
+            startedAt: container.startedAt,
+            plan: session.engine.plan,
+            pausedSince: now,
+            nextStuckCheck: now + 60 * MINUTE,
+            lastHeartbeatSeen: null,
+            observation: null,
+            stopRequest: null,
+          },
+        });
+
+        const running = await session.waitFor('running', (s) => s.state === 'running');
+        expect(running.containerName).toBe(containerName);
+        expect(running.pendingWake).toBe(false);
+        expect(session.engine.unpauses).toEqual([containerName]);
+        expect(session.engine.spawns).toEqual([containerName]);
       });
     });
 

@@ -390,7 +390,6 @@ export async function sessionWorkflow(input: SessionWorkflowInput): Promise<void
       ];
       nextDeadline = deadlines.reduce((a, b) => (b.at < a.at ? b : a));
       const activityBefore = counters.activityCount;
-      const wakeBefore = pendingWake;
 
       const wokeEarly = await condition(
         () =>
@@ -398,7 +397,8 @@ export async function sessionWorkflow(input: SessionWorkflowInput): Promise<void
           supervisionError !== null ||
           stopRequest !== null ||
           counters.activityCount !== activityBefore ||
-          pendingWake !== wakeBefore ||
+          // A wake for a paused container, also one that came with a handover from the previous run.
+          (pausedSince !== null && pendingWake) ||
           historyFull(),
         Math.max(0, Math.min(nextDeadline.at, nextStuckCheck) - Date.now()),
       );
@@ -440,10 +440,18 @@ export async function sessionWorkflow(input: SessionWorkflowInput): Promise<void
     }
 
     if (handover) {
+      log.info('history is full: ending supervision to hand the container to a new run', {
+        sessionId,
+        containerName: name,
+        historyLength: workflowInfo().historyLength,
+      });
       supervisionScope.cancel();
       await supervision;
       if (exit === null && isCancellation(supervisionError)) {
-        log.info('handing the running container over to a new run', { sessionId, containerName: name });
+        log.info('supervision ended: continuing as new with the running container', {
+          sessionId,
+          containerName: name,
+        });
         return {
           kind: 'handover',
           running: {
