@@ -1,130 +1,36 @@
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 
-import type { LogLevel, LogMetadata, Logger } from '@temporalio/common';
-import { MockActivityEnvironment } from '@temporalio/testing';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 
-import type { ActivityDeps } from '../src/activities/deps.js';
-import { createActivities } from '../src/activities/index.js';
-import { LABELS } from '../src/activities/spawn.js';
 import type { ContainerExit, StopReason, StopStep } from '../src/activities/types.js';
-import { HostDb } from '../src/db/host-db.js';
-import { CallbackSink, Deliverer } from '../src/delivery/deliverer.js';
 import { DockerCli } from '../src/docker/runtime.js';
-import { createOneCli } from '../src/onecli/onecli.js';
-import { groupPaths, sessionDir } from '../src/paths.js';
-import { createDefaultRegistry } from '../src/providers/registry.js';
+import { groupPaths } from '../src/paths.js';
 import { insertInboundMessage, readUndeliveredMessages } from '../src/session/session-files.js';
-import { loadSettings, type Settings } from '../src/settings.js';
+import { createSessionHarness, waitUntil, type SessionHarness } from './support/activity-harness.js';
+import { AGENT_IMAGE, AgentVariants } from './support/agent-variants.js';
 
 // Graceful stop and per-exit logs against the real Docker engine: each test
 // starts a real agent container, stops it with stopContainer and records the
 // exit with recordExit, both run as activities under MockActivityEnvironment.
 
-const BASE_IMAGE = 'berth-agent:latest';
 /** Stands in for a OneCLI API key. It must never reach an exit log. */
 const FAKE_API_KEY = `onecli-test-key-${randomUUID()}`;
 const GRACE_MS = 3000;
 
-/** Discards Temporal's activity logs, which the assertions here do not read. */
-const quietLogger: Logger = {
-  log: (_level: LogLevel, _message: string, _meta?: LogMetadata) => undefined,
-  trace: () => undefined,
-  debug: () => undefined,
-  info: () => undefined,
-  warn: () => undefined,
-  error: () => undefined,
-};
-
-interface Harness {
-  settings: Settings;
-  hostDb: HostDb;
-  docker: DockerCli;
-  activities: ReturnType<typeof createActivities>;
-  sessionId: string;
-  folder: string;
-  sessionDir: string;
-  logsDir: string;
-  dataDir: string;
-}
-
 const docker = new DockerCli();
-const harnesses: Harness[] = [];
-const builtImages: string[] = [];
+const harnesses: SessionHarness[] = [];
+const variants = new AgentVariants('stop');
 
-/** Creates a temp data dir, a host database with one group and session, and the real activities. */
-function createHarness(env: Record<string, string> = {}): Harness {
-  const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'berth-stop-'));
-  const settings = loadSettings({
-    ...process.env,
-    BERTH_DATA_DIR: dataDir,
-    BERTH_MOUNT_ALLOWLIST: path.join(dataDir, 'no-such-allowlist.json'),
-    ONECLI_API_KEY: FAKE_API_KEY,
-    ...env,
+/** Creates a harness with the fake OneCLI key in its settings. It drops activity logs, which no test reads. */
+async function createHarness(env: Record<string, string> = {}): Promise<SessionHarness> {
+  const harness = await createSessionHarness('stop', {
+    env: { ONECLI_API_KEY: FAKE_API_KEY, ...env },
+    activityLogs: 'discard',
   });
-  const hostDb = new HostDb(settings.hostDbPath);
-  const deps: ActivityDeps = {
-    settings,
-    hostDb,
-    docker,
-    oneCli: createOneCli({ url: undefined, requireCredentials: false }),
-    providers: createDefaultRegistry(),
-    signals: { activity: async () => undefined, observation: async () => undefined },
-    deliverer: new Deliverer(new CallbackSink(() => undefined)),
-    pollIntervalMs: 200,
-  };
-
-  const folder = `stop-${randomUUID().slice(0, 8)}`;
-  const group = hostDb.ensureAgentGroup(folder);
-  const session = hostDb.ensureSession(group.id, null);
-  const harness: Harness = {
-    settings,
-    hostDb,
-    docker,
-    activities: createActivities(deps),
-    sessionId: session.id,
-    folder,
-    sessionDir: sessionDir(settings, folder, session.id),
-    logsDir: groupPaths(settings, folder).logsDir,
-    dataDir,
-  };
   harnesses.push(harness);
   return harness;
-}
-
-async function removeHarness(harness: Harness): Promise<void> {
-  for (const container of await docker.list({ [LABELS.install]: harness.settings.installId })) {
-    await docker.remove(container.name);
-  }
-  harness.hostDb.close();
-  fs.rmSync(harness.dataDir, { recursive: true, force: true });
-}
-
-/** Builds `FROM berth-agent:latest` with the given environment, so a test gets an agent that misbehaves on purpose. */
-async function buildVariant(name: string, env: Record<string, string>): Promise<string> {
-  const tag = `berth-test-stop-${name}:${randomUUID().slice(0, 8)}`;
-  const contextDir = fs.mkdtempSync(path.join(os.tmpdir(), 'berth-variant-'));
-  try {
-    const envLine = Object.entries(env)
-      .map(([key, value]) => `${key}=${value}`)
-      .join(' ');
-    fs.writeFileSync(path.join(contextDir, 'Dockerfile'), `FROM ${BASE_IMAGE}\nENV ${envLine}\n`);
-    await docker.build(
-      { contextDir, dockerfile: path.join(contextDir, 'Dockerfile'), tag, buildArgs: {}, labels: {} },
-      () => undefined,
-    );
-  } finally {
-    fs.rmSync(contextDir, { recursive: true, force: true });
-  }
-  builtImages.push(tag);
-  return tag;
-}
-
-function runActivity<A extends unknown[], R>(fn: (...args: A) => Promise<R>, ...args: A): Promise<R> {
-  return new MockActivityEnvironment(undefined, { logger: quietLogger }).run(fn, ...args);
 }
 
 interface Started {
@@ -133,43 +39,14 @@ interface Started {
   startedAt: number;
 }
 
-/** Runs initFilesystem and spawnContainer, as a wake does. */
-async function startAgent(harness: Harness, image: string): Promise<Started> {
-  const { activities, sessionId } = harness;
-  await runActivity(activities.initFilesystem, { sessionId });
-  const containerName = `berth-test-stop-${randomUUID().slice(0, 12)}`;
-  const spawned = await runActivity(activities.spawnContainer, {
-    sessionId,
-    containerName,
-    image,
-    provider: 'claude',
-    adminUserIds: [],
-    workflowRunId: 'test-run',
-  });
-  return { containerName, image, startedAt: spawned.startedAt };
-}
-
 /** Inserts a chat message and waits until the agent has written its reply to outbound.db. */
-async function sendAndAwaitReply(harness: Harness, text: string): Promise<string> {
+async function sendAndAwaitReply(harness: SessionHarness, text: string): Promise<string> {
   const id = `msg-${randomUUID()}`;
   insertInboundMessage(harness.sessionDir, { id, kind: 'chat', content: { text } });
-  await waitFor(
-    () => readUndeliveredMessages(harness.sessionDir).some((message) => message.inReplyTo === id),
-    `the agent's reply to ${id}`,
+  await waitUntil(`the agent's reply to ${id}`, () =>
+    readUndeliveredMessages(harness.sessionDir).some((message) => message.inReplyTo === id),
   );
   return id;
-}
-
-async function waitFor(
-  probe: () => boolean | Promise<boolean>,
-  description: string,
-  timeoutMs = 60_000,
-): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await probe())) {
-    if (Date.now() > deadline) throw new Error(`Timed out after ${timeoutMs} ms waiting for ${description}.`);
-    await new Promise((resolve) => setTimeout(resolve, 200));
-  }
 }
 
 /** Reads the exit of a container that has stopped, as superviseContainer would report it. */
@@ -185,8 +62,8 @@ async function exitOf(containerName: string): Promise<ContainerExit> {
   };
 }
 
-async function stopAgent(harness: Harness, started: Started, reason = 'idle'): Promise<StopStep[]> {
-  const { steps } = await runActivity(harness.activities.stopContainer, {
+async function stopAgent(harness: SessionHarness, started: Started, reason = 'idle'): Promise<StopStep[]> {
+  const { steps } = await harness.run(harness.activities.stopContainer, {
     sessionId: harness.sessionId,
     containerName: started.containerName,
     graceMs: GRACE_MS,
@@ -197,13 +74,13 @@ async function stopAgent(harness: Harness, started: Started, reason = 'idle'): P
 }
 
 async function recordExit(
-  harness: Harness,
+  harness: SessionHarness,
   started: Started,
   exit: ContainerExit,
   stopSteps: StopStep[],
   stopReason: StopReason = 'idle',
 ) {
-  return runActivity(harness.activities.recordExit, {
+  return harness.run(harness.activities.recordExit, {
     sessionId: harness.sessionId,
     containerName: started.containerName,
     image: started.image,
@@ -216,10 +93,11 @@ async function recordExit(
   });
 }
 
-function exitLogFiles(harness: Harness): string[] {
-  if (!fs.existsSync(harness.logsDir)) return [];
+function exitLogFiles(harness: SessionHarness): string[] {
+  const { logsDir } = harness.fixture.paths;
+  if (!fs.existsSync(logsDir)) return [];
   return fs
-    .readdirSync(harness.logsDir)
+    .readdirSync(logsDir)
     .filter((name) => /^container-.*\.log$/.test(name))
     .sort();
 }
@@ -241,17 +119,17 @@ const FAKE_PROXY_TOKEN = 'proxy-token-3f9c2a71';
 const FAKE_PROXY_WITH_TOKEN = `http://agent:${FAKE_PROXY_TOKEN}@127.0.0.1:9`;
 
 beforeAll(async () => {
-  ignoresClose = await buildVariant('ignore-close', { AGENT_IGNORE_CLOSE_REQUEST: '1' });
-  defaultSigterm = await buildVariant('default-sigterm', {
+  ignoresClose = await variants.build('ignore-close', { AGENT_IGNORE_CLOSE_REQUEST: '1' });
+  defaultSigterm = await variants.build('default-sigterm', {
     AGENT_IGNORE_CLOSE_REQUEST: '1',
     AGENT_DEFAULT_SIGTERM: '1',
   });
-  ignoresAll = await buildVariant('ignore-all', {
+  ignoresAll = await variants.build('ignore-all', {
     AGENT_IGNORE_CLOSE_REQUEST: '1',
     AGENT_IGNORE_SIGTERM: '1',
   });
   // A key that the gateway handed to the container shows up in the contract-check report on stdout.
-  reportsEnv = await buildVariant('reports-env', {
+  reportsEnv = await variants.build('reports-env', {
     AGENT_IGNORE_CLOSE_REQUEST: '1',
     AGENT_IGNORE_SIGTERM: '1',
     AGENT_MODE: 'contract-check',
@@ -261,17 +139,17 @@ beforeAll(async () => {
 });
 
 afterEach(async () => {
-  for (const harness of harnesses.splice(0)) await removeHarness(harness);
+  for (const harness of harnesses.splice(0)) await harness.cleanup();
 });
 
 afterAll(async () => {
-  for (const tag of builtImages) await docker.exec(['image', 'rm', '--force', tag]);
+  await variants.removeAll();
 });
 
 describe('stopContainer', () => {
   it('close request ends the agent cleanly', async () => {
-    const harness = createHarness();
-    const started = await startAgent(harness, BASE_IMAGE);
+    const harness = await createHarness();
+    const started = await harness.startAgent(AGENT_IMAGE);
     await sendAndAwaitReply(harness, 'hello before the stop');
 
     const steps = await stopAgent(harness, started);
@@ -285,8 +163,8 @@ describe('stopContainer', () => {
   });
 
   it('SIGTERM stops agent ignoring close request', async () => {
-    const harness = createHarness();
-    const started = await startAgent(harness, ignoresClose);
+    const harness = await createHarness();
+    const started = await harness.startAgent(ignoresClose);
 
     const steps = await stopAgent(harness, started);
     const exit = await exitOf(started.containerName);
@@ -303,8 +181,8 @@ describe('stopContainer', () => {
   });
 
   it('unhandled SIGTERM exits with 143', async () => {
-    const harness = createHarness();
-    const started = await startAgent(harness, defaultSigterm);
+    const harness = await createHarness();
+    const started = await harness.startAgent(defaultSigterm);
 
     const steps = await stopAgent(harness, started);
     const exit = await exitOf(started.containerName);
@@ -317,8 +195,8 @@ describe('stopContainer', () => {
   });
 
   it('agent ignoring SIGTERM is killed', async () => {
-    const harness = createHarness();
-    const started = await startAgent(harness, ignoresAll);
+    const harness = await createHarness();
+    const started = await harness.startAgent(ignoresAll);
 
     const steps = await stopAgent(harness, started);
     const exit = await exitOf(started.containerName);
@@ -333,8 +211,8 @@ describe('stopContainer', () => {
   });
 
   it('container already gone counts as stopped', async () => {
-    const harness = createHarness();
-    const started = await startAgent(harness, BASE_IMAGE);
+    const harness = await createHarness();
+    const started = await harness.startAgent(AGENT_IMAGE);
     const steps = await stopAgent(harness, started);
     await recordExit(harness, started, await exitOf(started.containerName), steps);
 
@@ -345,11 +223,11 @@ describe('stopContainer', () => {
   });
 
   it('never-started container counts as stopped', async () => {
-    const harness = createHarness();
+    const harness = await createHarness();
 
     const steps = await stopAgent(harness, {
       containerName: 'berth-test-never-started',
-      image: BASE_IMAGE,
+      image: AGENT_IMAGE,
       startedAt: 0,
     });
 
@@ -359,8 +237,8 @@ describe('stopContainer', () => {
 
 describe('recordExit', () => {
   it('writes a log under the group folder', async () => {
-    const harness = createHarness();
-    const started = await startAgent(harness, BASE_IMAGE);
+    const harness = await createHarness();
+    const started = await harness.startAgent(AGENT_IMAGE);
     await sendAndAwaitReply(harness, 'hello');
     const steps = await stopAgent(harness, started);
 
@@ -373,8 +251,8 @@ describe('recordExit', () => {
   });
 
   it('names the container, its exit and its mounts', async () => {
-    const harness = createHarness();
-    const started = await startAgent(harness, BASE_IMAGE);
+    const harness = await createHarness();
+    const started = await harness.startAgent(AGENT_IMAGE);
     await sendAndAwaitReply(harness, 'hello');
     const steps = await stopAgent(harness, started);
 
@@ -383,7 +261,7 @@ describe('recordExit', () => {
 
     expect(headerValue(log, 'session')).toBe(harness.sessionId);
     expect(headerValue(log, 'container')).toBe(started.containerName);
-    expect(headerValue(log, 'image')).toBe(BASE_IMAGE);
+    expect(headerValue(log, 'image')).toBe(AGENT_IMAGE);
     expect(headerValue(log, 'duration')).toMatch(/^\d+\.\d{3} s$/);
     expect(headerValue(log, 'exit code')).toBe('0');
     expect(headerValue(log, 'meaning')).toBe('exited cleanly');
@@ -395,8 +273,8 @@ describe('recordExit', () => {
   });
 
   it('removes the container', async () => {
-    const harness = createHarness();
-    const started = await startAgent(harness, BASE_IMAGE);
+    const harness = await createHarness();
+    const started = await harness.startAgent(AGENT_IMAGE);
     const steps = await stopAgent(harness, started);
 
     await recordExit(harness, started, await exitOf(started.containerName), steps);
@@ -405,11 +283,11 @@ describe('recordExit', () => {
   });
 
   it('keeps full output only for a non-zero exit', async () => {
-    const clean = createHarness();
-    const cleanStart = await startAgent(clean, BASE_IMAGE);
+    const clean = await createHarness();
+    const cleanStart = await clean.startAgent(AGENT_IMAGE);
     const cleanSteps = await stopAgent(clean, cleanStart);
-    const killed = createHarness();
-    const killedStart = await startAgent(killed, ignoresAll);
+    const killed = await createHarness();
+    const killedStart = await killed.startAgent(ignoresAll);
     const killedSteps = await stopAgent(killed, killedStart);
 
     const cleanLog = await recordExit(clean, cleanStart, await exitOf(cleanStart.containerName), cleanSteps);
@@ -427,8 +305,8 @@ describe('recordExit', () => {
   });
 
   it('omits message text', async () => {
-    const harness = createHarness();
-    const started = await startAgent(harness, ignoresAll);
+    const harness = await createHarness();
+    const started = await harness.startAgent(ignoresAll);
     const secretText = `meet at the ${randomUUID()} pier`;
     await sendAndAwaitReply(harness, secretText);
     const steps = await stopAgent(harness, started);
@@ -442,8 +320,8 @@ describe('recordExit', () => {
   });
 
   it('omits the OneCLI API key', async () => {
-    const harness = createHarness();
-    const started = await startAgent(harness, reportsEnv);
+    const harness = await createHarness();
+    const started = await harness.startAgent(reportsEnv);
     await sendAndAwaitReply(harness, 'report your environment');
     const steps = await stopAgent(harness, started);
 
@@ -456,8 +334,8 @@ describe('recordExit', () => {
   });
 
   it('omits a proxy token from the container environment', async () => {
-    const harness = createHarness();
-    const started = await startAgent(harness, reportsEnv);
+    const harness = await createHarness();
+    const started = await harness.startAgent(reportsEnv);
     await sendAndAwaitReply(harness, 'report your environment');
     const steps = await stopAgent(harness, started);
 
@@ -469,8 +347,8 @@ describe('recordExit', () => {
   });
 
   it('retry after removal writes no second log', async () => {
-    const harness = createHarness();
-    const started = await startAgent(harness, BASE_IMAGE);
+    const harness = await createHarness();
+    const started = await harness.startAgent(AGENT_IMAGE);
     await sendAndAwaitReply(harness, 'hello');
     const steps = await stopAgent(harness, started);
     const exit = await exitOf(started.containerName);
@@ -484,8 +362,8 @@ describe('recordExit', () => {
   });
 
   it('survives a container.json broken after spawn', async () => {
-    const harness = createHarness();
-    const started = await startAgent(harness, BASE_IMAGE);
+    const harness = await createHarness();
+    const started = await harness.startAgent(AGENT_IMAGE);
     const steps = await stopAgent(harness, started);
     fs.writeFileSync(groupPaths(harness.settings, harness.folder).containerJson, '{ "idleTimeoutSeconds": ');
 
@@ -500,15 +378,15 @@ describe('recordExit', () => {
   });
 
   it('retention keeps the newest logs', async () => {
-    const harness = createHarness({ BERTH_EXIT_LOGS_KEPT: '2' });
-    await runActivity(harness.activities.initFilesystem, { sessionId: harness.sessionId });
+    const harness = await createHarness({ BERTH_EXIT_LOGS_KEPT: '2' });
+    await harness.run(harness.activities.initFilesystem, { sessionId: harness.sessionId });
     const endings = [Date.UTC(2026, 0, 1, 10), Date.UTC(2026, 0, 1, 11), Date.UTC(2026, 0, 1, 12)];
 
     const paths: string[] = [];
     for (const [index, finishedAt] of endings.entries()) {
       const started = {
         containerName: `berth-test-gone-${index}`,
-        image: BASE_IMAGE,
+        image: AGENT_IMAGE,
         startedAt: finishedAt - 1000,
       };
       const exit = { exitCode: 0, oomKilled: false, finishedAt, inspected: true };

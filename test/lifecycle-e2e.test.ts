@@ -1,13 +1,10 @@
-import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 
 import Database from 'better-sqlite3';
 import type { Client } from '@temporalio/client';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
-import { LABELS } from '../src/activities/spawn.js';
 import { sendMessage, type QueuedMessage } from '../src/cli/commands.js';
 import { sessionWorkflowId } from '../src/client/ids.js';
 import { connectClient, sessionStatus, stopSession } from '../src/client/session-client.js';
@@ -18,17 +15,20 @@ import { groupPaths } from '../src/paths.js';
 import { inboundPath, readProcessingClaims } from '../src/session/session-files.js';
 import { createBerthWorker, type BerthWorker } from '../src/worker.js';
 import type { SessionStatus } from '../src/workflows/status.js';
+import { removeInstallContainers, waitFor, type PollOptions } from './support/activity-harness.js';
+import { AgentVariants } from './support/agent-variants.js';
 import { bundleWorkflows, startTestInstall, type TestInstall } from './support/temporal.js';
 
 // The container lifecycle end to end: a real Temporal dev server, a berth
 // worker in this process, the real Docker engine and agent images. Each test
 // uses its own agent group, so the tests do not depend on one another.
 
-const BASE_IMAGE = 'berth-agent:latest';
 const GLOBAL_IDLE_TIMEOUT_SECONDS = 6;
-const WAIT_MS = 90_000;
+/** Each wait here spans Temporal workflow steps and Docker, so it allows longer than the harness default. */
+const POLLING: PollOptions = { timeoutMs: 90_000, intervalMs: 250 };
 
 const docker = new DockerCli();
+const variants = new AgentVariants('e2e');
 const delivered: DeliveredMessage[] = [];
 let install: TestInstall;
 let client: Client;
@@ -36,38 +36,6 @@ let worker: BerthWorker;
 let workerRun: Promise<void>;
 let hostDb: HostDb;
 let hangsOnMessage: string;
-
-/** Builds `FROM berth-agent:latest` with the given environment, so a test gets an agent that misbehaves on purpose. */
-async function buildVariant(name: string, env: Record<string, string>): Promise<string> {
-  const tag = `berth-test-e2e-${name}:${randomUUID().slice(0, 8)}`;
-  const contextDir = fs.mkdtempSync(path.join(os.tmpdir(), 'berth-variant-'));
-  try {
-    const envLine = Object.entries(env)
-      .map(([key, value]) => `${key}=${value}`)
-      .join(' ');
-    fs.writeFileSync(path.join(contextDir, 'Dockerfile'), `FROM ${BASE_IMAGE}\nENV ${envLine}\n`);
-    await docker.build(
-      { contextDir, dockerfile: path.join(contextDir, 'Dockerfile'), tag, buildArgs: {}, labels: {} },
-      () => undefined,
-    );
-  } finally {
-    fs.rmSync(contextDir, { recursive: true, force: true });
-  }
-  return tag;
-}
-
-async function waitFor<T>(
-  probe: () => Promise<T | undefined> | T | undefined,
-  description: string,
-): Promise<T> {
-  const deadline = Date.now() + WAIT_MS;
-  for (;;) {
-    const value = await probe();
-    if (value !== undefined) return value;
-    if (Date.now() > deadline) throw new Error(`Timed out after ${WAIT_MS} ms waiting for ${description}.`);
-    await new Promise((resolve) => setTimeout(resolve, 250));
-  }
-}
 
 /** Creates the agent group with the given container.json, before its first message creates the session. */
 function configureGroup(folder: string, config: object): void {
@@ -83,16 +51,21 @@ function send(folder: string, text: string, settings = install.settings): Promis
 
 function awaitReply(queued: QueuedMessage): Promise<DeliveredMessage> {
   return waitFor(
-    () => delivered.find((message) => message.inReplyTo === queued.messageId),
     `the reply to ${queued.messageId}`,
+    () => delivered.find((message) => message.inReplyTo === queued.messageId),
+    POLLING,
   );
 }
 
 function awaitExit(queued: QueuedMessage): Promise<SessionStatus> {
-  return waitFor(async () => {
-    const status = await sessionStatus(client, queued.session.id);
-    return status.lastExit !== null && status.state === 'idle' ? status : undefined;
-  }, `the exit of session ${queued.session.id}`);
+  return waitFor(
+    `the exit of session ${queued.session.id}`,
+    async () => {
+      const status = await sessionStatus(client, queued.session.id);
+      return status.lastExit !== null && status.state === 'idle' ? status : undefined;
+    },
+    POLLING,
+  );
 }
 
 /** Returns the value of one `label: value` line of an exit log's header. */
@@ -113,7 +86,7 @@ function inboundRow(queued: QueuedMessage): { tries: number; status: string; pro
 }
 
 beforeAll(async () => {
-  hangsOnMessage = await buildVariant('hang', { AGENT_HEARTBEAT: '0', AGENT_HANG_ON_MESSAGE: '1' });
+  hangsOnMessage = await variants.build('hang', { AGENT_HEARTBEAT: '0', AGENT_HANG_ON_MESSAGE: '1' });
   install = await startTestInstall({
     BERTH_IDLE_TIMEOUT_SECONDS: String(GLOBAL_IDLE_TIMEOUT_SECONDS),
     BERTH_STOP_GRACE_SECONDS: '2',
@@ -135,17 +108,13 @@ beforeAll(async () => {
 }, 300_000);
 
 afterAll(async () => {
-  if (install) {
-    for (const container of await docker.list({ [LABELS.install]: install.settings.installId })) {
-      await docker.remove(container.name);
-    }
-  }
+  if (install) await removeInstallContainers(docker, install.settings.installId);
   await worker?.shutdown();
   await workerRun;
   hostDb?.close();
   await client?.connection.close();
   await install?.cleanup();
-  if (hangsOnMessage) await docker.exec(['image', 'rm', '--force', hangsOnMessage]);
+  await variants.removeAll();
 }, 120_000);
 
 describe('session lifecycle end to end', () => {
@@ -202,10 +171,14 @@ describe('session lifecycle end to end', () => {
     const queued = await send('e2e-override', 'hello override');
     await awaitReply(queued);
 
-    const running = await waitFor(async () => {
-      const status = await sessionStatus(client, queued.session.id);
-      return status.state === 'running' && status.nextDeadline?.kind === 'idle' ? status : undefined;
-    }, 'the running session with an idle deadline');
+    const running = await waitFor(
+      'the running session with an idle deadline',
+      async () => {
+        const status = await sessionStatus(client, queued.session.id);
+        return status.state === 'running' && status.nextDeadline?.kind === 'idle' ? status : undefined;
+      },
+      POLLING,
+    );
     await stopSession(client, queued.session.id, 'test finished');
     const stopped = await awaitExit(queued);
 
@@ -218,10 +191,14 @@ describe('session lifecycle end to end', () => {
     const first = await send('e2e-warm', 'hello warm');
     await awaitReply(first);
 
-    const paused = await waitFor(async () => {
-      const status = await sessionStatus(client, first.session.id);
-      return status.state === 'paused' ? status : undefined;
-    }, 'the paused session');
+    const paused = await waitFor(
+      'the paused session',
+      async () => {
+        const status = await sessionStatus(client, first.session.id);
+        return status.state === 'paused' ? status : undefined;
+      },
+      POLLING,
+    );
     const containerName = paused.containerName!;
     expect(paused.nextDeadline?.kind).toBe('pause');
     expect((await docker.inspect(containerName))?.state).toBe('paused');
@@ -262,10 +239,14 @@ describe('session lifecycle end to end', () => {
     }
 
     // The handover waits for supervision to see its cancellation, which comes with a heartbeat's reply.
-    await waitFor(async () => {
-      const { runId } = await handle(first.session.id).describe();
-      return runId !== firstRunId ? runId : undefined;
-    }, 'the workflow to continue as new');
+    await waitFor(
+      'the workflow to continue as new',
+      async () => {
+        const { runId } = await handle(first.session.id).describe();
+        return runId !== firstRunId ? runId : undefined;
+      },
+      POLLING,
+    );
     for (const message of queued) {
       expect(delivered.filter((reply) => reply.inReplyTo === message.messageId)).toHaveLength(1);
     }

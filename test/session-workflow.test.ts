@@ -308,7 +308,7 @@ async function withSession(
     taskQueue: session.taskQueue,
     workflowBundle,
     activities: createFakeActivities(session.engine),
-    // Cancellation reaches an activity with a heartbeat's reply; a handover waits for it.
+    // Cancellation reaches an activity with a heartbeat's reply, and a handover waits for it.
     maxHeartbeatThrottleInterval: 100,
   });
   await worker.runUntil(async () => {

@@ -1,170 +1,36 @@
 import { randomUUID } from 'node:crypto';
-import fs from 'node:fs';
-import os from 'node:os';
-import path from 'node:path';
 
 import Database from 'better-sqlite3';
-import type { Logger } from '@temporalio/common';
-import { MockActivityEnvironment } from '@temporalio/testing';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 
-import type { ActivityDeps } from '../src/activities/deps.js';
-import { createActivities } from '../src/activities/index.js';
-import { LABELS } from '../src/activities/spawn.js';
 import type { ContainerExit, SuperviseRequest } from '../src/activities/types.js';
-import { HostDb } from '../src/db/host-db.js';
-import { CallbackSink, Deliverer, type DeliveredMessage } from '../src/delivery/deliverer.js';
 import { DeliveryLoop } from '../src/delivery/delivery-loop.js';
-import { DockerCli, type ContainerInfo } from '../src/docker/runtime.js';
+import type { ContainerInfo } from '../src/docker/runtime.js';
 import { OUTPUT_END_MARKER, OUTPUT_START_MARKER } from '../src/lifecycle/output-markers.js';
-import { createOneCli } from '../src/onecli/onecli.js';
-import { sessionDir } from '../src/paths.js';
-import { createDefaultRegistry } from '../src/providers/registry.js';
 import { insertInboundMessage, outboundPath } from '../src/session/session-files.js';
-import { loadSettings, type Settings } from '../src/settings.js';
-import type { ActivityNotice } from '../src/workflows/session.js';
+import {
+  CountingDockerCli,
+  createSessionHarness,
+  waitUntil,
+  type SessionHarness,
+} from './support/activity-harness.js';
+import { AGENT_IMAGE, AgentVariants } from './support/agent-variants.js';
 
 // Output blocks streamed from a container's stdout: superviseContainer
 // delivers them at once, and the outbound.db poll must not deliver them again.
 
-const BASE_IMAGE = 'berth-agent:latest';
+const harnesses: SessionHarness[] = [];
+const variants = new AgentVariants('streaming');
 
-interface LogEntry {
-  level: string;
-  message: string;
-  meta?: Record<string, unknown>;
-}
-
-/** Keeps the activity's log entries for assertions instead of printing them. */
-function recordingLogger(entries: LogEntry[]): Logger {
-  const add = (level: string) => (message: string, meta?: Record<string, unknown>) => {
-    entries.push({ level, message, meta });
-  };
-  return {
-    log: (level, message, meta) => entries.push({ level, message, meta }),
-    trace: add('TRACE'),
-    debug: add('DEBUG'),
-    info: add('INFO'),
-    warn: add('WARN'),
-    error: add('ERROR'),
-  };
-}
-
-interface Harness {
-  settings: Settings;
-  hostDb: HostDb;
-  deps: ActivityDeps;
-  activities: ReturnType<typeof createActivities>;
-  sessionId: string;
-  sessionDir: string;
-  dataDir: string;
-  delivered: DeliveredMessage[];
-  activitySignals: ActivityNotice[];
-  logs: LogEntry[];
-}
-
-const harnesses: Harness[] = [];
-const builtImages: string[] = [];
-const docker = new DockerCli();
-
-function createHarness(dockerCli: DockerCli = docker): Harness {
-  const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'berth-streaming-'));
-  const settings = loadSettings({
-    ...process.env,
-    BERTH_DATA_DIR: dataDir,
-    BERTH_MOUNT_ALLOWLIST: path.join(dataDir, 'no-such-allowlist.json'),
-  });
-  const hostDb = new HostDb(settings.hostDbPath);
-  const delivered: DeliveredMessage[] = [];
-  const activitySignals: ActivityNotice[] = [];
-  const deps: ActivityDeps = {
-    settings,
-    hostDb,
-    docker: dockerCli,
-    oneCli: createOneCli({ url: undefined, requireCredentials: false }),
-    providers: createDefaultRegistry(),
-    signals: {
-      activity: async (_sessionId, notice) => {
-        activitySignals.push(notice);
-      },
-      observation: async () => undefined,
-    },
-    deliverer: new Deliverer(new CallbackSink((message) => void delivered.push(message))),
-    pollIntervalMs: 200,
-  };
-
-  const folder = `streaming-${randomUUID().slice(0, 8)}`;
-  const group = hostDb.ensureAgentGroup(folder);
-  const session = hostDb.ensureSession(group.id, null);
-  const harness: Harness = {
-    settings,
-    hostDb,
-    deps,
-    activities: createActivities(deps),
-    sessionId: session.id,
-    sessionDir: sessionDir(settings, folder, session.id),
-    dataDir,
-    delivered,
-    activitySignals,
-    logs: [],
-  };
+/** Creates a harness whose activity logs the tests read from `harness.logs`. */
+async function createHarness(docker?: CountingDockerCli): Promise<SessionHarness> {
+  const harness = await createSessionHarness('streaming', { docker, activityLogs: 'record' });
   harnesses.push(harness);
   return harness;
 }
 
-async function removeHarness(harness: Harness): Promise<void> {
-  for (const container of await docker.list({ [LABELS.install]: harness.settings.installId })) {
-    await docker.remove(container.name);
-  }
-  harness.hostDb.close();
-  fs.rmSync(harness.dataDir, { recursive: true, force: true });
-}
-
-/** Builds `FROM berth-agent:latest` with the given environment, so a test gets an agent that misbehaves on purpose. */
-async function buildVariant(name: string, env: Record<string, string>): Promise<string> {
-  const tag = `berth-test-streaming-${name}:${randomUUID().slice(0, 8)}`;
-  const contextDir = fs.mkdtempSync(path.join(os.tmpdir(), 'berth-variant-'));
-  try {
-    const envLine = Object.entries(env)
-      .map(([key, value]) => `${key}=${value}`)
-      .join(' ');
-    fs.writeFileSync(path.join(contextDir, 'Dockerfile'), `FROM ${BASE_IMAGE}\nENV ${envLine}\n`);
-    await docker.build(
-      { contextDir, dockerfile: path.join(contextDir, 'Dockerfile'), tag, buildArgs: {}, labels: {} },
-      () => undefined,
-    );
-  } finally {
-    fs.rmSync(contextDir, { recursive: true, force: true });
-  }
-  builtImages.push(tag);
-  return tag;
-}
-
-function runActivity<A extends unknown[], R>(
-  harness: Harness,
-  fn: (...args: A) => Promise<R>,
-  ...args: A
-): Promise<R> {
-  return new MockActivityEnvironment(undefined, { logger: recordingLogger(harness.logs) }).run(fn, ...args);
-}
-
-async function startAgent(harness: Harness, image: string): Promise<SuperviseRequest> {
-  const { activities, sessionId } = harness;
-  await runActivity(harness, activities.initFilesystem, { sessionId });
-  const containerName = `berth-test-streaming-${randomUUID().slice(0, 12)}`;
-  const spawned = await runActivity(harness, activities.spawnContainer, {
-    sessionId,
-    containerName,
-    image,
-    provider: 'claude',
-    adminUserIds: [],
-    workflowRunId: 'test-run',
-  });
-  return { sessionId, containerName, startedAt: spawned.startedAt };
-}
-
-function stopAgent(harness: Harness, request: SuperviseRequest) {
-  return runActivity(harness, harness.activities.stopContainer, {
+function stopAgent(harness: SessionHarness, request: SuperviseRequest) {
+  return harness.run(harness.activities.stopContainer, {
     sessionId: harness.sessionId,
     containerName: request.containerName,
     graceMs: 5000,
@@ -173,37 +39,25 @@ function stopAgent(harness: Harness, request: SuperviseRequest) {
   });
 }
 
-function sendMessage(harness: Harness, text: string): string {
+function sendMessage(harness: SessionHarness, text: string): string {
   const id = `msg-${randomUUID()}`;
   insertInboundMessage(harness.sessionDir, { id, kind: 'chat', content: { text } });
   return id;
 }
 
-async function waitFor(
-  probe: () => boolean | Promise<boolean>,
-  description: string,
-  timeoutMs = 60_000,
-): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await probe())) {
-    if (Date.now() > deadline) throw new Error(`Timed out after ${timeoutMs} ms waiting for ${description}.`);
-    await new Promise((resolve) => setTimeout(resolve, 200));
-  }
-}
-
-function supervise(harness: Harness, request: SuperviseRequest): Promise<ContainerExit> {
-  const result = runActivity(harness, harness.activities.superviseContainer, request);
+function supervise(harness: SessionHarness, request: SuperviseRequest): Promise<ContainerExit> {
+  const result = harness.run(harness.activities.superviseContainer, request);
   // Keeps a rejection from counting as unhandled before the test awaits it.
   result.catch(() => undefined);
   return result;
 }
 
-function deliveryLoop(harness: Harness): DeliveryLoop {
+function deliveryLoop(harness: SessionHarness): DeliveryLoop {
   return new DeliveryLoop(harness.settings, harness.hostDb, harness.deps.deliverer, harness.deps.signals);
 }
 
 /** Counts the agent's replies to a message in outbound.db, delivered or not. */
-function outboundReplyCount(harness: Harness, messageId: string): number {
+function outboundReplyCount(harness: SessionHarness, messageId: string): number {
   const db = new Database(outboundPath(harness.sessionDir), { readonly: true });
   try {
     const row = db.prepare('SELECT COUNT(*) AS count FROM messages_out WHERE in_reply_to = ?').get(messageId);
@@ -213,11 +67,11 @@ function outboundReplyCount(harness: Harness, messageId: string): number {
   }
 }
 
-const repliesTo = (harness: Harness, messageId: string) =>
+const repliesTo = (harness: SessionHarness, messageId: string) =>
   harness.delivered.filter((message) => message.inReplyTo === messageId);
 
 /** A DockerCli whose one container has already exited after printing `stdout`. */
-class ExitedContainerDocker extends DockerCli {
+class ExitedContainerDocker extends CountingDockerCli {
   constructor(private readonly stdout: string) {
     super();
   }
@@ -227,7 +81,7 @@ class ExitedContainerDocker extends DockerCli {
     return {
       id: 'scripted',
       name,
-      image: BASE_IMAGE,
+      image: AGENT_IMAGE,
       state: 'exited',
       exitCode: 0,
       oomKilled: false,
@@ -249,40 +103,40 @@ const block = (value: unknown) => `${OUTPUT_START_MARKER}\n${JSON.stringify(valu
 let printsMalformed: string;
 
 beforeAll(async () => {
-  printsMalformed = await buildVariant('malformed', { AGENT_PRINT_MALFORMED: '1' });
+  printsMalformed = await variants.build('malformed', { AGENT_PRINT_MALFORMED: '1' });
 });
 
 afterEach(async () => {
-  for (const harness of harnesses.splice(0)) await removeHarness(harness);
+  for (const harness of harnesses.splice(0)) await harness.cleanup();
 });
 
 afterAll(async () => {
-  for (const tag of builtImages) await docker.exec(['image', 'rm', '--force', tag]);
+  await variants.removeAll();
 });
 
 describe('streamed output', () => {
   it('delivers a reply via the stream', async () => {
-    const harness = createHarness();
-    const request = await startAgent(harness, BASE_IMAGE);
+    const harness = await createHarness();
+    const request = await harness.startAgent(AGENT_IMAGE);
     const supervision = supervise(harness, request);
     const messageId = sendMessage(harness, 'stream this');
 
-    await waitFor(() => repliesTo(harness, messageId).length > 0, 'the streamed reply');
+    await waitUntil('the streamed reply', () => repliesTo(harness, messageId).length > 0);
     await stopAgent(harness, request);
     await supervision;
 
     const [reply] = repliesTo(harness, messageId);
     expect(reply).toMatchObject({ via: 'stream', text: 'echo: stream this', sessionId: harness.sessionId });
-    expect(harness.activitySignals.map((notice) => notice.source)).toContain('output');
+    expect(harness.activityNotices.map((notice) => notice.source)).toContain('output');
   });
 
   it('poll skips a streamed reply', async () => {
-    const harness = createHarness();
-    const request = await startAgent(harness, BASE_IMAGE);
+    const harness = await createHarness();
+    const request = await harness.startAgent(AGENT_IMAGE);
     const supervision = supervise(harness, request);
     const messageId = sendMessage(harness, 'deliver me once');
-    await waitFor(() => repliesTo(harness, messageId).length > 0, 'the streamed reply');
-    await waitFor(() => outboundReplyCount(harness, messageId) === 1, 'the reply in outbound.db');
+    await waitUntil('the streamed reply', () => repliesTo(harness, messageId).length > 0);
+    await waitUntil('the reply in outbound.db', () => outboundReplyCount(harness, messageId) === 1);
 
     const polled = await deliveryLoop(harness).pass();
     await stopAgent(harness, request);
@@ -293,10 +147,10 @@ describe('streamed output', () => {
   });
 
   it('stream skips a polled reply', async () => {
-    const harness = createHarness();
-    const request = await startAgent(harness, BASE_IMAGE);
+    const harness = await createHarness();
+    const request = await harness.startAgent(AGENT_IMAGE);
     const messageId = sendMessage(harness, 'poll me first');
-    await waitFor(async () => (await deliveryLoop(harness).pass()) > 0, 'the polled reply');
+    await waitUntil('the polled reply', async () => (await deliveryLoop(harness).pass()) > 0);
     await stopAgent(harness, request);
 
     await supervise(harness, request);
@@ -305,13 +159,13 @@ describe('streamed output', () => {
   });
 
   it('skips a malformed block and goes on', async () => {
-    const harness = createHarness();
-    const request = await startAgent(harness, printsMalformed);
+    const harness = await createHarness();
+    const request = await harness.startAgent(printsMalformed);
     const supervision = supervise(harness, request);
     const first = sendMessage(harness, 'one');
-    await waitFor(() => repliesTo(harness, first).length === 2, 'both replies to the first message');
+    await waitUntil('both replies to the first message', () => repliesTo(harness, first).length === 2);
     const second = sendMessage(harness, 'two');
-    await waitFor(() => repliesTo(harness, second).length === 2, 'both replies to the second message');
+    await waitUntil('both replies to the second message', () => repliesTo(harness, second).length === 2);
     await stopAgent(harness, request);
     await supervision;
 
@@ -330,8 +184,8 @@ describe('streamed output', () => {
 
   it('delivers repeated id-less blocks each', async () => {
     const stdout = block({ result: 'done' }) + block({ result: 'done' });
-    const harness = createHarness(new ExitedContainerDocker(stdout));
-    await runActivity(harness, harness.activities.initFilesystem, { sessionId: harness.sessionId });
+    const harness = await createHarness(new ExitedContainerDocker(stdout));
+    await harness.run(harness.activities.initFilesystem, { sessionId: harness.sessionId });
     const request = {
       sessionId: harness.sessionId,
       containerName: 'berth-test-scripted',
@@ -345,8 +199,8 @@ describe('streamed output', () => {
 
   it('retry skips id-less blocks delivered before', async () => {
     const stdout = block({ result: 'first' }) + block({ result: 'second' });
-    const harness = createHarness(new ExitedContainerDocker(stdout));
-    await runActivity(harness, harness.activities.initFilesystem, { sessionId: harness.sessionId });
+    const harness = await createHarness(new ExitedContainerDocker(stdout));
+    await harness.run(harness.activities.initFilesystem, { sessionId: harness.sessionId });
     const request = {
       sessionId: harness.sessionId,
       containerName: 'berth-test-scripted',

@@ -1,14 +1,20 @@
+import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { ApplicationFailure } from '@temporalio/common';
+import { ApplicationFailure, type Logger } from '@temporalio/common';
 import { MockActivityEnvironment } from '@temporalio/testing';
 import { createActivities } from '../../src/activities/index.js';
 import type { ActivityDeps, SessionSignals } from '../../src/activities/deps.js';
 import { GROUP_IMAGE_LABEL } from '../../src/activities/images.js';
 import { LABELS } from '../../src/activities/spawn.js';
-import type { SpawnRequest, SpawnResult } from '../../src/activities/types.js';
+import type {
+  SessionObservation,
+  SpawnRequest,
+  SpawnResult,
+  SuperviseRequest,
+} from '../../src/activities/types.js';
 import { HostDb, type AgentGroup, type SessionRecord } from '../../src/db/host-db.js';
 import { CallbackSink, Deliverer, type DeliveredMessage } from '../../src/delivery/deliverer.js';
 import { DockerCli, type RunSpec } from '../../src/docker/runtime.js';
@@ -16,7 +22,7 @@ import { createOneCli, type OneCli } from '../../src/onecli/onecli.js';
 import { groupPaths, sessionDir, type GroupPaths } from '../../src/paths.js';
 import { createDefaultRegistry, type ProviderRegistry } from '../../src/providers/registry.js';
 import { loadSettings, type Settings } from '../../src/settings.js';
-import { containerNameFor } from '../../src/workflows/session.js';
+import { containerNameFor, type ActivityNotice } from '../../src/workflows/session.js';
 
 /**
  * Real dependencies for calling berth's activities directly: a temp data
@@ -60,6 +66,20 @@ export interface HarnessOptions {
   oneCli?: OneCli;
   /** Replaces the default provider registry. */
   providers?: ProviderRegistry;
+  /** Replaces the Docker CLI built from the settings, for example with one that scripts a container. */
+  docker?: CountingDockerCli;
+  /**
+   * Destination of the log entries of activities run through the harness:
+   * `print` (Temporal's DefaultLogger, the default), `record` (kept in `logs`) or `discard`.
+   */
+  activityLogs?: 'print' | 'record' | 'discard';
+}
+
+/** One entry that an activity logged through its context logger. */
+export interface LogEntry {
+  level: string;
+  message: string;
+  meta?: Record<string, unknown>;
 }
 
 export interface SessionFixture {
@@ -105,13 +125,23 @@ export interface ActivityHarness {
   deps: ActivityDeps;
   activities: ReturnType<typeof createActivities>;
   signalCalls: SignalCall[];
+  /** Payloads of the activity signals in `signalCalls`, in order. */
+  activityNotices: ActivityNotice[];
+  /** Payloads of the observation signals in `signalCalls`, in order. */
+  observations: SessionObservation[];
   delivered: DeliveredMessage[];
+  /** Activity log entries, filled only with `activityLogs: 'record'`. */
+  logs: LogEntry[];
   /** Runs an activity inside a mock activity context, as a worker would. */
   run<A extends unknown[], R>(activity: (...args: A) => Promise<R>, ...args: A): Promise<R>;
+  /** Creates a mock activity environment with the harness's logger, for tests that heartbeat or cancel. */
+  environment(info?: ActivityInfoOverrides): MockActivityEnvironment;
   createSession(folder: string, options?: SessionOptions): SessionFixture;
   writeContainerJson(folder: string, config: unknown): string;
   /** A spawn request with the name the session workflow would give its first container. */
   spawnRequest(fixture: SessionFixture, overrides?: Partial<SpawnRequest>): SpawnRequest;
+  /** Runs initFilesystem and spawnContainer, the last two steps of a wake. */
+  spawn(fixture: SessionFixture, overrides?: Partial<SpawnRequest>): Promise<SpawnResult>;
   /** Runs the wake's steps in the workflow's order: routing, plan, image, files, spawn. */
   wake(fixture: SessionFixture, overrides?: Partial<SpawnRequest>): Promise<SpawnResult>;
   inspect(name: string): Promise<InspectedContainer>;
@@ -121,6 +151,8 @@ export interface ActivityHarness {
   trackImage(tag: string): void;
   cleanup(): Promise<void>;
 }
+
+type ActivityInfoOverrides = ConstructorParameters<typeof MockActivityEnvironment>[0];
 
 export async function createActivityHarness(options: HarnessOptions = {}): Promise<ActivityHarness> {
   const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'berth-activities-'));
@@ -140,17 +172,23 @@ export async function createActivityHarness(options: HarnessOptions = {}): Promi
     ...options.env,
   });
   const hostDb = new HostDb(settings.hostDbPath);
-  const docker = new CountingDockerCli(settings.dockerBinary);
+  const docker = options.docker ?? new CountingDockerCli(settings.dockerBinary);
   const signalCalls: SignalCall[] = [];
+  const activityNotices: ActivityNotice[] = [];
+  const observations: SessionObservation[] = [];
   const delivered: DeliveredMessage[] = [];
+  const logs: LogEntry[] = [];
   const signals: SessionSignals = {
     async activity(sessionId, notice) {
       signalCalls.push({ kind: 'activity', sessionId, payload: notice });
+      activityNotices.push(notice);
     },
     async observation(sessionId, observation) {
       signalCalls.push({ kind: 'observation', sessionId, payload: observation });
+      observations.push(observation);
     },
   };
+  const logger = activityLogger(options.activityLogs ?? 'print', logs);
   const trackedImages = new Set<string>();
   const groupIds = new Set<string>();
 
@@ -168,8 +206,12 @@ export async function createActivityHarness(options: HarnessOptions = {}): Promi
   };
   const activities = createActivities(deps);
 
+  function environment(info?: ActivityInfoOverrides): MockActivityEnvironment {
+    return new MockActivityEnvironment(info, { logger });
+  }
+
   function run<A extends unknown[], R>(activity: (...args: A) => Promise<R>, ...args: A): Promise<R> {
-    return new MockActivityEnvironment().run(activity, ...args);
+    return environment().run(activity, ...args);
   }
 
   function createSession(folder: string, sessionOptions: SessionOptions = {}): SessionFixture {
@@ -213,20 +255,23 @@ export async function createActivityHarness(options: HarnessOptions = {}): Promi
     };
   }
 
+  async function spawn(fixture: SessionFixture, overrides: Partial<SpawnRequest> = {}): Promise<SpawnResult> {
+    await run(activities.initFilesystem, { sessionId: fixture.session.id });
+    return run(activities.spawnContainer, spawnRequest(fixture, overrides));
+  }
+
   async function wake(fixture: SessionFixture, overrides: Partial<SpawnRequest> = {}): Promise<SpawnResult> {
     const sessionRef = { sessionId: fixture.session.id };
     const routing = await run(activities.syncSessionRouting, sessionRef);
     const plan = await run(activities.loadSessionPlan, sessionRef);
     await run(activities.ensureAgent, sessionRef);
     const { image } = await run(activities.ensureImage, sessionRef);
-    await run(activities.initFilesystem, sessionRef);
-    const request = spawnRequest(fixture, {
+    return spawn(fixture, {
       image,
       provider: plan.provider,
       adminUserIds: routing.adminUserIds,
       ...overrides,
     });
-    return run(activities.spawnContainer, request);
   }
 
   async function inspect(name: string): Promise<InspectedContainer> {
@@ -242,7 +287,7 @@ export async function createActivityHarness(options: HarnessOptions = {}): Promi
   }
 
   async function cleanup(): Promise<void> {
-    for (const name of await containers()) await docker.remove(name);
+    await removeInstallContainers(docker, settings.installId);
     for (const groupId of groupIds) {
       const listed = await docker.exec([
         'image',
@@ -266,17 +311,94 @@ export async function createActivityHarness(options: HarnessOptions = {}): Promi
     deps,
     activities,
     signalCalls,
+    activityNotices,
+    observations,
     delivered,
+    logs,
     run,
+    environment,
     createSession,
     writeContainerJson,
     spawnRequest,
+    spawn,
     wake,
     inspect,
     containers,
     trackImage: (tag) => void trackedImages.add(tag),
     cleanup,
   };
+}
+
+/** Returns the logger for `activityLogs`, or undefined so that MockActivityEnvironment uses Temporal's DefaultLogger. */
+function activityLogger(mode: 'print' | 'record' | 'discard', logs: LogEntry[]): Logger | undefined {
+  if (mode === 'print') return undefined;
+  const write =
+    mode === 'record'
+      ? (level: string, message: string, meta?: Record<string, unknown>) =>
+          void logs.push({ level, message, meta })
+      : () => undefined;
+  return {
+    log: write,
+    trace: (message, meta) => write('TRACE', message, meta),
+    debug: (message, meta) => write('DEBUG', message, meta),
+    info: (message, meta) => write('INFO', message, meta),
+    warn: (message, meta) => write('WARN', message, meta),
+    error: (message, meta) => write('ERROR', message, meta),
+  };
+}
+
+/** Supervision request for a container started by `SessionHarness.startAgent`, plus the container's image. */
+export interface StartedAgent extends SuperviseRequest {
+  image: string;
+}
+
+/** An activity harness with one agent group and one session in it, as single-container tests need. */
+export interface SessionHarness extends ActivityHarness {
+  fixture: SessionFixture;
+  folder: string;
+  sessionId: string;
+  sessionDir: string;
+  /** Spawns `image` for the session under a new container name, after initFilesystem, as a wake does. */
+  startAgent(image: string): Promise<StartedAgent>;
+}
+
+/**
+ * Creates an activity harness and one session in the group folder
+ * `<label>-<random>`. Its containers are named `berth-test-<label>-<random>`
+ * and run the `claude` provider. OneCLI is not required unless `options.env`
+ * sets BERTH_ONECLI_REQUIRED.
+ */
+export async function createSessionHarness(
+  label: string,
+  options: HarnessOptions = {},
+): Promise<SessionHarness> {
+  const harness = await createActivityHarness({
+    ...options,
+    env: { BERTH_ONECLI_REQUIRED: 'false', ...options.env },
+  });
+  const folder = `${label}-${randomUUID().slice(0, 8)}`;
+  const fixture = harness.createSession(folder);
+  const sessionId = fixture.session.id;
+
+  async function startAgent(image: string): Promise<StartedAgent> {
+    const containerName = `berth-test-${label}-${randomUUID().slice(0, 12)}`;
+    const { startedAt } = await harness.spawn(fixture, {
+      containerName,
+      image,
+      provider: 'claude',
+      workflowRunId: 'test-run',
+    });
+    return { sessionId, containerName, image, startedAt };
+  }
+
+  return { ...harness, fixture, folder, sessionId, sessionDir: fixture.sessionDir, startAgent };
+}
+
+/** Removes every container labelled with the install id, running or not. */
+export async function removeInstallContainers(docker: DockerCli, installId: string): Promise<void> {
+  for (const container of await docker.list({ [LABELS.install]: installId })) {
+    await docker.remove(container.name);
+  }
 }
 
 /** Builds `FROM <base>` plus the given ENV lines, with no build context. */
@@ -302,19 +424,35 @@ export async function removeImage(docker: DockerCli, image: string): Promise<voi
   }
 }
 
-/** Polls `probe` until it returns a value other than undefined; throws naming `description` after `timeoutMs`. */
+export interface PollOptions {
+  /** Maximum wait before the error, in ms (default 60 000). */
+  timeoutMs?: number;
+  /** Pause between two probes, in ms (default 200). */
+  intervalMs?: number;
+}
+
+/** Polls `probe` until it returns a value other than undefined, and throws an error naming `description` after the timeout. */
 export async function waitFor<T>(
   description: string,
   probe: () => T | undefined | Promise<T | undefined>,
-  timeoutMs = 60_000,
+  { timeoutMs = 60_000, intervalMs = 200 }: PollOptions = {},
 ): Promise<T> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     const value = await probe();
     if (value !== undefined) return value;
     if (Date.now() > deadline) throw new Error(`Timed out after ${timeoutMs} ms waiting for ${description}`);
-    await sleep(200);
+    await sleep(intervalMs);
   }
+}
+
+/** Polls `condition` until it returns true, and throws an error naming `description` after the timeout. */
+export async function waitUntil(
+  description: string,
+  condition: () => boolean | Promise<boolean>,
+  options: PollOptions = {},
+): Promise<void> {
+  await waitFor(description, async () => ((await condition()) ? true : undefined), options);
 }
 
 /** Returns the container's env as a map. */
