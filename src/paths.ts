@@ -33,6 +33,11 @@ export function globalDir(settings: Settings): string {
   return path.join(settings.groupsDir, 'global');
 }
 
+/** Returns the folder of each group's copies of the OneCLI files that containers mount (CA certificate, credential stubs). */
+export function oneCliFilesDir(settings: Settings): string {
+  return path.join(settings.dataDir, 'onecli');
+}
+
 export function sessionDir(settings: Settings, folder: string, sessionId: string): string {
   return path.join(settings.sessionsDir, folder, sessionId);
 }

@@ -10,6 +10,7 @@ import { DeliveryLoop } from './delivery/delivery-loop.js';
 import { DockerCli } from './docker/runtime.js';
 import { logger } from './logger.js';
 import { createOneCli } from './onecli/onecli.js';
+import { oneCliFilesDir } from './paths.js';
 import { createDefaultRegistry } from './providers/registry.js';
 import type { Settings } from './settings.js';
 import { activitySignal, observationSignal } from './workflows/session.js';
@@ -85,7 +86,7 @@ export async function createBerthWorker(options: BerthWorkerOptions): Promise<Be
     settings,
     hostDb,
     docker: new DockerCli(settings.dockerBinary),
-    oneCli: createOneCli(settings.onecli),
+    oneCli: createOneCli(settings.onecli, { filesDir: oneCliFilesDir(settings) }),
     providers: createDefaultRegistry(),
     signals,
     deliverer,

@@ -189,6 +189,55 @@ describe('applyContainerConfig', () => {
     );
   });
 
+  it('mounts a copy per group', async () => {
+    const filesDir = path.join(tempDir, 'berth-onecli-files');
+    const otherGroup: AgentIdentity = { agentGroupId: 'team-b', agentGroupName: 'Team B' };
+    const first = createOneCli({ url: gateway.url, requireCredentials: true }, { filesDir });
+    await first.ensureAgent(identity);
+    const firstMounts = valuesAfter((await first.applyContainerConfig(identity, baseArgs)).args, '--mount');
+
+    // A second gateway with another CA writes the same shared file in os.tmpdir().
+    const otherCa = '-----BEGIN CERTIFICATE-----\nb3RoZXIgQ0E=\n-----END CERTIFICATE-----\n';
+    const otherGateway = await start({ ...DEFAULT_CONTAINER_CONFIG, caCertificate: otherCa });
+    try {
+      const second = createOneCli({ url: otherGateway.url, requireCredentials: true }, { filesDir });
+      await second.ensureAgent(otherGroup);
+      const secondMounts = valuesAfter(
+        (await second.applyContainerConfig(otherGroup, baseArgs)).args,
+        '--mount',
+      );
+
+      const sourceOf = (mounts: string[]): string =>
+        /source=([^,]+),target=\/tmp\/onecli-proxy-ca\.pem/.exec(mounts.join(' '))![1]!;
+      expect(path.dirname(sourceOf(firstMounts))).toBe(path.join(filesDir, 'team-a'));
+      expect(path.dirname(sourceOf(secondMounts))).toBe(path.join(filesDir, 'team-b'));
+      expect(fs.readFileSync(sourceOf(firstMounts), 'utf8')).toBe(DEFAULT_CONTAINER_CONFIG.caCertificate);
+      expect(fs.readFileSync(sourceOf(secondMounts), 'utf8')).toBe(otherCa);
+      expect(fs.readFileSync(path.join(tempDir, 'onecli-proxy-ca.pem'), 'utf8')).toBe(otherCa);
+    } finally {
+      await otherGateway.close();
+    }
+  });
+
+  it('keeps the mode of a copied stub', async () => {
+    await gateway.close();
+    gateway = await start({
+      ...DEFAULT_CONTAINER_CONFIG,
+      credentialStubs: [{ containerPath: '/home/node/.claude/.credentials.json', content: '{"stub":true}' }],
+    });
+    const filesDir = path.join(tempDir, 'berth-onecli-files');
+    const onecli = createOneCli({ url: gateway.url, requireCredentials: true }, { filesDir });
+    await onecli.ensureAgent(identity);
+
+    const { args } = await onecli.applyContainerConfig(identity, baseArgs);
+
+    const stub = valuesAfter(args, '--mount').find((mount) => mount.includes('.credentials.json'))!;
+    const source = /source=([^,]+)/.exec(stub)![1]!;
+    expect(path.dirname(source)).toBe(path.join(filesDir, 'team-a'));
+    expect(fs.statSync(source).mode & 0o777).toBe(0o600);
+    expect(fs.readFileSync(source, 'utf8')).toBe('{"stub":true}');
+  });
+
   it('quotes mount fields that contain commas', async () => {
     const commaDir = path.join(tempDir, 'a,b');
     fs.mkdirSync(commaDir);

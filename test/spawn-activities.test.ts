@@ -6,6 +6,7 @@ import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it, vi } 
 import { LABELS } from '../src/activities/spawn.js';
 import { DockerCli } from '../src/docker/runtime.js';
 import { logger } from '../src/logger.js';
+import { oneCliFilesDir } from '../src/paths.js';
 import { createDefaultRegistry, type ProviderRegistry } from '../src/providers/registry.js';
 import { insertInboundMessage } from '../src/session/session-files.js';
 import { containerNameFor } from '../src/workflows/session.js';
@@ -367,6 +368,11 @@ describe('OneCLI at spawn', () => {
     const certificate = mountsOf(container).get(DEFAULT_CONTAINER_CONFIG.caCertificateContainerPath);
     expect(certificate?.type).toBe('bind');
     expect(certificate?.readonly).toBe(true);
+    // The group's own copy is mounted, not the file in os.tmpdir() that every group shares.
+    expect(path.dirname(certificate!.source)).toBe(
+      path.join(oneCliFilesDir(harness.settings), fixture.group.id),
+    );
+    expect(fs.readFileSync(certificate!.source, 'utf8')).toBe(DEFAULT_CONTAINER_CONFIG.caCertificate);
     expect(container.HostConfig.ExtraHosts).toContain('host.docker.internal:host-gateway');
     expect(gateway.calls.map((call) => call.path)).toContain(
       `/v1/container-config?agent=${fixture.group.id}`,

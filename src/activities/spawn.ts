@@ -5,7 +5,7 @@ import { validateMount, validateMounts, loadMountAllowlist } from '../config/mou
 import type { BindMount, RunSpec } from '../docker/runtime.js';
 import { MountRejectedError } from '../errors.js';
 import { logger } from '../logger.js';
-import { globalDir } from '../paths.js';
+import { globalDir, oneCliFilesDir } from '../paths.js';
 import { clearCloseRequest, clearProcessingClaims, readProcessingClaims } from '../session/session-files.js';
 import type { ActivityDeps } from './deps.js';
 import { asActivity } from './failures.js';
@@ -237,8 +237,8 @@ function realPathOrSelf(file: string): string {
 }
 
 /**
- * Rejects an additional mount that exposes berth's own state: the session, group and group-state
- * folders and the databases under the data directory, or any folder above the data directory.
+ * Rejects an additional mount that exposes berth's own state: the session, group, group-state and
+ * OneCLI folders and the databases under the data directory, or any folder above the data directory.
  */
 function rejectDataDirOverlap(hostPath: string, settings: ActivityDeps['settings']): void {
   const dataDir = realPathOrSelf(settings.dataDir);
@@ -246,6 +246,7 @@ function rejectDataDirOverlap(hostPath: string, settings: ActivityDeps['settings
     settings.sessionsDir,
     settings.groupsDir,
     path.join(settings.dataDir, 'group-state'),
+    oneCliFilesDir(settings),
     settings.hostDbPath,
     path.join(settings.dataDir, 'temporal.db'),
   ].map(realPathOrSelf);
@@ -253,7 +254,7 @@ function rejectDataDirOverlap(hostPath: string, settings: ActivityDeps['settings
     child === parent || child.startsWith(parent + path.sep);
   if (within(dataDir, hostPath) || protectedPaths.some((protectedPath) => within(hostPath, protectedPath))) {
     throw new MountRejectedError(
-      `Additional mount "${hostPath}" exposes berth's own state under ${dataDir} (sessions, groups or databases). Mount a folder outside it.`,
+      `Additional mount "${hostPath}" exposes berth's own state under ${dataDir} (sessions, groups, OneCLI files or databases). Mount a folder outside it.`,
     );
   }
 }

@@ -6,7 +6,7 @@ import { Deliverer, ConsoleSink } from '../delivery/deliverer.js';
 import { DockerCli } from '../docker/runtime.js';
 import { NotFoundError } from '../errors.js';
 import { createOneCli } from '../onecli/onecli.js';
-import { groupPaths } from '../paths.js';
+import { groupPaths, oneCliFilesDir } from '../paths.js';
 import { createDefaultRegistry } from '../providers/registry.js';
 import type { Settings } from '../settings.js';
 
@@ -30,7 +30,7 @@ export async function buildGroupImageNow(
       settings,
       hostDb,
       docker: new ProgressDocker(settings.dockerBinary, onOutput),
-      oneCli: createOneCli(settings.onecli),
+      oneCli: createOneCli(settings.onecli, { filesDir: oneCliFilesDir(settings) }),
       providers: createDefaultRegistry(),
       signals: { activity: async () => undefined, observation: async () => undefined },
       deliverer: new Deliverer(new ConsoleSink()),

@@ -1,3 +1,6 @@
+import { createHash } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { OneCLI as OneCliSdk, OneCLIError, OneCLIRequestError } from '@onecli-sh/sdk';
 import { CredentialsRejectedError, CredentialsUnavailableError } from '../errors.js';
@@ -59,7 +62,16 @@ interface RetryPolicy {
  */
 export function createOneCli(
   settings: OneCliSettings,
-  options: { retries?: number; baseDelayMs?: number } = {},
+  options: {
+    retries?: number;
+    baseDelayMs?: number;
+    /**
+     * Directory that receives each group's copy of the files the SDK writes
+     * for mounting, in `<filesDir>/<group id>/`. Unset mounts the SDK's own
+     * files, which every group on the host shares.
+     */
+    filesDir?: string;
+  } = {},
 ): OneCli {
   const retry: RetryPolicy = { retries: options.retries ?? 3, baseDelayMs: options.baseDelayMs ?? 250 };
   const gatewayUrl = settings.url;
@@ -100,7 +112,9 @@ export function createOneCli(
     async applyContainerConfig(identity, dockerArgs) {
       let added: string[];
       try {
-        added = await withRetry(identity, 'applyContainerConfig', retry, () => fetchAddedArgs(sdk, identity));
+        added = await withRetry(identity, 'applyContainerConfig', retry, () =>
+          fetchAddedArgs(sdk, identity, options.filesDir),
+        );
       } catch (error) {
         handleUnavailable(identity, 'applyContainerConfig', error);
         return { args: [...dockerArgs], applied: false, secretValues: [] };
@@ -135,19 +149,52 @@ function createDisconnectedOneCli(requireCredentials: boolean): OneCli {
  * it added, with each `-v` turned into `--mount`. The SDK resolves false on a
  * network error or a 5xx status, which is thrown here as a OneCLIError so that
  * withRetry tries again.
+ *
+ * The SDK writes the CA certificate and credential stubs to fixed names in
+ * os.tmpdir(), shared by every agent group on the host, so one group's next
+ * call would overwrite the files another group's container mounts. With
+ * `filesDir` set, each file is copied into the group's own directory and the
+ * mount names the copy.
  */
-async function fetchAddedArgs(sdk: OneCliSdk, identity: AgentIdentity): Promise<string[]> {
+async function fetchAddedArgs(
+  sdk: OneCliSdk,
+  identity: AgentIdentity,
+  filesDir: string | undefined,
+): Promise<string[]> {
   const added: string[] = [];
-  // NOTE: the SDK writes the CA certificate and credential stubs to fixed file
-  // names in os.tmpdir(), shared by every agent group on the host. Two gateways,
-  // or stubs that differ between groups, overwrite each other's files while
-  // containers still mount them. Copying each file to a per-group path would
-  // close this.
   const applied = await sdk.applyContainerConfig(added, { agent: identity.agentGroupId });
   if (!applied) {
     throw new OneCLIError('the gateway is unreachable or returned a 5xx status');
   }
-  return convertVolumeFlags(added);
+  if (filesDir === undefined) return convertVolumeFlags(added, (source) => source);
+
+  // NOTE: two groups whose calls overlap can still race between the SDK's write of a shared file
+  // and this copy; the window is from the SDK's write to the end of its applyContainerConfig call.
+  const groupDir = path.join(filesDir, toPathSegment(identity.agentGroupId));
+  return convertVolumeFlags(added, (source) => copyIntoDir(source, groupDir));
+}
+
+/** Returns `id` with every character outside `[A-Za-z0-9_-]` replaced, so it is one safe path segment. */
+function toPathSegment(id: string): string {
+  return id.replace(/[^A-Za-z0-9_-]/g, '_') || '_';
+}
+
+/**
+ * Copies `source` into `dir` and returns the copy's path. The name keeps the
+ * file's base name behind a short hash of its full path, so two sources with
+ * the same base name get two copies. The copy keeps the source's mode (the
+ * SDK writes credential stubs as 0600) and replaces an earlier copy by rename,
+ * so a container that mounts the earlier copy keeps reading a whole file.
+ */
+function copyIntoDir(source: string, dir: string): string {
+  fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+  const hash = createHash('sha256').update(source).digest('hex').slice(0, 8);
+  const target = path.join(dir, `${hash}-${path.basename(source)}`);
+  const partial = `${target}.${process.pid}.partial`;
+  fs.copyFileSync(source, partial);
+  fs.chmodSync(partial, fs.statSync(source).mode & 0o777);
+  fs.renameSync(partial, target);
+  return target;
 }
 
 async function withRetry<T>(
@@ -231,14 +278,17 @@ function unavailableError(
   );
 }
 
-/** Rewrites `-v host:container[:ro|rw]` pairs as `--mount type=bind,...` and keeps other flags unchanged. */
-function convertVolumeFlags(flags: string[]): string[] {
+/**
+ * Rewrites `-v host:container[:ro|rw]` pairs as `--mount type=bind,...`, with
+ * the host path passed through `relocate`, and keeps other flags unchanged.
+ */
+function convertVolumeFlags(flags: string[], relocate: (source: string) => string): string[] {
   const converted: string[] = [];
   for (let index = 0; index < flags.length; index += 1) {
     const flag = flags[index] as string;
     const value = flags[index + 1];
     if ((flag === '-v' || flag === '--volume') && value !== undefined) {
-      converted.push('--mount', toMountSpec(value));
+      converted.push('--mount', toMountSpec(value, relocate));
       index += 1;
       continue;
     }
@@ -247,7 +297,7 @@ function convertVolumeFlags(flags: string[]): string[] {
   return converted;
 }
 
-function toMountSpec(volume: string): string {
+function toMountSpec(volume: string, relocate: (source: string) => string): string {
   const parts = volume.split(':');
   const mode = parts.length === 3 ? parts.pop() : undefined;
   const [source, target] = parts;
@@ -262,7 +312,7 @@ function toMountSpec(volume: string): string {
     );
   }
 
-  const fields = ['type=bind', `source=${source}`, `target=${target}`];
+  const fields = ['type=bind', `source=${relocate(source as string)}`, `target=${target}`];
   if (mode === 'ro') {
     fields.push('readonly');
   }

@@ -19,7 +19,7 @@ import { HostDb, type AgentGroup, type SessionRecord } from '../../src/db/host-d
 import { CallbackSink, Deliverer, type DeliveredMessage } from '../../src/delivery/deliverer.js';
 import { DockerCli, type RunSpec } from '../../src/docker/runtime.js';
 import { createOneCli, type OneCli } from '../../src/onecli/onecli.js';
-import { groupPaths, sessionDir, type GroupPaths } from '../../src/paths.js';
+import { groupPaths, sessionDir, type GroupPaths, oneCliFilesDir } from '../../src/paths.js';
 import { createDefaultRegistry, type ProviderRegistry } from '../../src/providers/registry.js';
 import { loadSettings, type Settings } from '../../src/settings.js';
 import { containerNameFor, type ActivityNotice } from '../../src/workflows/session.js';
@@ -196,7 +196,8 @@ export async function createActivityHarness(options: HarnessOptions = {}): Promi
     settings,
     hostDb,
     docker,
-    oneCli: options.oneCli ?? createOneCli(settings.onecli, { baseDelayMs: 1 }),
+    oneCli:
+      options.oneCli ?? createOneCli(settings.onecli, { baseDelayMs: 1, filesDir: oneCliFilesDir(settings) }),
     providers: options.providers ?? createDefaultRegistry(),
     signals,
     deliverer: new Deliverer(new CallbackSink((message) => void delivered.push(message))),
