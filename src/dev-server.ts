@@ -29,10 +29,11 @@ export async function startDevServer(
   const port = Number(portText);
   const pidFile = path.join(settings.dataDir, 'temporal-server.pid');
   const dbFile = path.join(settings.dataDir, 'temporal.db');
-  if ((await portOpen(host, port)) && stopLeftoverServer(pidFile, dbFile)) {
-    // A berth process killed without a chance to clean up left its dev server running.
-    const freeBy = Date.now() + 10_000;
-    while ((await portOpen(host, port)) && Date.now() < freeBy) await sleep(200);
+  const leftover = (await portOpen(host, port)) ? findLeftoverServer(pidFile, dbFile) : null;
+  if (leftover !== null) {
+    // A berth process killed without a chance to clean up left its dev server running. It must have
+    // exited, not only closed its port, before a new server opens the same SQLite database.
+    await stopProcess(leftover, 10_000);
   }
   if (await portOpen(host, port)) {
     throw new Error(
@@ -59,7 +60,12 @@ export async function startDevServer(
     ...SEARCH_ATTRIBUTES.flatMap((name) => ['--search-attribute', `${name}=Keyword`]),
   ];
   const logFile = fs.openSync(path.join(settings.dataDir, 'temporal-server.log'), 'a');
-  const child: ChildProcess = spawn(temporalCliPath(), args, { stdio: ['ignore', logFile, logFile] });
+  // A process group of its own keeps a Ctrl-C at the terminal from reaching the server: berth stops
+  // it after the worker, so the worker never talks to a server that is already gone.
+  const child: ChildProcess = spawn(temporalCliPath(), args, {
+    stdio: ['ignore', logFile, logFile],
+    detached: true,
+  });
   fs.closeSync(logFile);
   if (child.pid !== undefined) fs.writeFileSync(pidFile, `${child.pid}\n`);
   let exited = false;
@@ -108,25 +114,59 @@ function portOpen(host: string, port: number): Promise<boolean> {
 }
 
 /**
- * Stops a dev server that an earlier berth process started for this data
- * directory and left behind (its pid file names a live `temporal server
- * start-dev` using this directory's database). Returns whether it sent a stop.
+ * Returns the pid of a dev server that an earlier berth process started for
+ * this data directory and left behind: the pid file names a live `temporal
+ * server start-dev` that uses this directory's database. Returns null otherwise.
  */
-function stopLeftoverServer(pidFile: string, dbFile: string): boolean {
+function findLeftoverServer(pidFile: string, dbFile: string): number | null {
   let pid: number;
   try {
     pid = Number(fs.readFileSync(pidFile, 'utf8').trim());
   } catch {
-    return false;
+    return null;
   }
   let commandLine: string;
   try {
     commandLine = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').join(' ');
   } catch {
+    return null;
+  }
+  if (!commandLine.includes('start-dev') || !commandLine.includes(dbFile)) return null;
+  return pid;
+}
+
+/** Sends SIGTERM, waits up to `graceMs` for the process to exit, then sends SIGKILL and waits again. */
+async function stopProcess(pid: number, graceMs: number): Promise<void> {
+  logger.warn({ serverPid: pid }, 'stopping a temporal dev server left by an earlier berth process');
+  process.kill(pid, 'SIGTERM');
+  const termBy = Date.now() + graceMs;
+  while (processAlive(pid) && Date.now() < termBy) await sleep(100);
+  if (processAlive(pid)) {
+    logger.warn({ serverPid: pid, graceMs }, 'leftover temporal dev server ignored SIGTERM; sending SIGKILL');
+    process.kill(pid, 'SIGKILL');
+    const killBy = Date.now() + 5_000;
+    while (processAlive(pid) && Date.now() < killBy) await sleep(100);
+  }
+  if (processAlive(pid)) {
+    throw new Error(
+      `The temporal dev server left by an earlier berth process (pid ${pid}) did not exit after SIGKILL. Stop it, then start berth again.`,
+    );
+  }
+}
+
+/** Returns false once `pid` has exited, also while it is a zombie that its new parent has not reaped yet. */
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+  } catch (error) {
+    // EPERM: the process exists but belongs to another user.
+    if ((error as NodeJS.ErrnoException).code !== 'EPERM') return false;
+  }
+  try {
+    // The state is the field after the parenthesised command name.
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
+  } catch {
     return false;
   }
-  if (!commandLine.includes('start-dev') || !commandLine.includes(dbFile)) return false;
-  logger.warn({ pid }, 'stopping a temporal dev server left by an earlier berth process');
-  process.kill(pid, 'SIGTERM');
-  return true;
 }

@@ -42,18 +42,36 @@ async function withClient<T>(
   }
 }
 
-/** Runs the worker until SIGINT or SIGTERM. */
+/** Runs the worker until SIGINT or SIGTERM, then stops it and runs `extra` (stopping the dev server). */
 async function runWorkerUntilSignal(settings: Settings, extra?: () => Promise<void>): Promise<void> {
-  const client = await connectClient(settings);
+  const client = await connectClient(settings).catch((error: unknown) => {
+    throw new Error(
+      `Could not reach the Temporal server at ${settings.temporalAddress} (${(error as Error).message}). Start it with "berth dev", or set BERTH_TEMPORAL_ADDRESS.`,
+    );
+  });
   const worker = await createBerthWorker({ settings, client, sink: new ConsoleSink() });
-  const stop = async (): Promise<void> => {
-    await worker.shutdown();
-    await extra?.();
-    await client.connection.close();
-  };
+  let stopping: Promise<void> | null = null;
+  const stop = (): Promise<void> =>
+    (stopping ??= (async () => {
+      await worker.shutdown();
+      await extra?.();
+      await client.connection.close();
+    })());
   process.once('SIGINT', () => void stop());
   process.once('SIGTERM', () => void stop());
+  // Temporal's runtime also shuts the workers down on SIGINT, so run() can return before stop() is done.
   await worker.run();
+  await stop();
+}
+
+/**
+ * Ends a long-running command once its own shutdown is complete. With
+ * Temporal's TypeScript SDK 1.24 the process stayed alive about 9 s after
+ * every worker and connection had closed, with no JavaScript handle left,
+ * which made quitting look stuck.
+ */
+function exitAfterShutdown(): never {
+  process.exit(process.exitCode ?? 0);
 }
 
 function buildReferenceImage(): void {
@@ -91,8 +109,10 @@ async function startChat(settings: Settings): Promise<void> {
   );
   const input = readline.createInterface({ input: process.stdin, terminal: process.stdin.isTTY });
   let closing = false;
-  const close = async (): Promise<void> => {
-    if (closing) return;
+  let closed: Promise<void> | null = null;
+  // Both SIGINT and the end of input call this, and each caller waits for the one shutdown to finish.
+  const close = (): Promise<void> => (closed ??= shutDown());
+  const shutDown = async (): Promise<void> => {
     closing = true;
     input.close();
     // The worker and the dev server may each take several seconds to stop, so the user sees why the prompt is gone.
@@ -209,7 +229,10 @@ export function buildProgram(): Command {
   program
     .command('worker')
     .description('Run the worker against the configured Temporal server.')
-    .action(async () => runWorkerUntilSignal(loadSettings()));
+    .action(async () => {
+      await runWorkerUntilSignal(loadSettings());
+      exitAfterShutdown();
+    });
 
   program
     .command('dev')
@@ -219,12 +242,16 @@ export function buildProgram(): Command {
       const server = await startDevServer(settings);
       process.stderr.write(`Temporal Web UI: ${server.uiUrl}\n`);
       await runWorkerUntilSignal(settings, () => server.stop());
+      exitAfterShutdown();
     });
 
   program
     .command('start')
     .description('Start the dev server and the worker, and chat with agent group "main" in this terminal.')
-    .action(async () => startChat(loadSettings()));
+    .action(async () => {
+      await startChat(loadSettings());
+      exitAfterShutdown();
+    });
 
   return program;
 }

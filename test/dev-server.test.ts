@@ -1,0 +1,51 @@
+import fs from 'node:fs';
+import path from 'node:path';
+import { Connection } from '@temporalio/client';
+import { afterAll, describe, expect, it } from 'vitest';
+import { startDevServer, type DevServer } from '../src/dev-server.js';
+import { startTestInstall, type TestInstall } from './support/temporal.js';
+
+let install: TestInstall | undefined;
+let restarted: DevServer | undefined;
+
+afterAll(async () => {
+  await restarted?.stop();
+  await install?.cleanup();
+}, 60_000);
+
+function isRunning(pid: number): boolean {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
+  } catch {
+    return false;
+  }
+}
+
+describe('dev server', () => {
+  it('replaces a leftover server only after it exited', async () => {
+    install = await startTestInstall();
+    const pidFile = path.join(install.dataDir, 'temporal-server.pid');
+    const leftoverPid = Number(fs.readFileSync(pidFile, 'utf8').trim());
+    expect(isRunning(leftoverPid)).toBe(true);
+
+    // The first server is never stopped, as when the berth process that started it was killed.
+    restarted = await startDevServer(install.settings);
+
+    expect(isRunning(leftoverPid)).toBe(false);
+    const newPid = Number(fs.readFileSync(pidFile, 'utf8').trim());
+    expect(newPid).not.toBe(leftoverPid);
+    expect(isRunning(newPid)).toBe(true);
+    const connection = await Connection.connect({ address: install.settings.temporalAddress });
+    try {
+      const namespace = await connection.workflowService.describeNamespace({
+        namespace: install.settings.namespace,
+      });
+      expect(namespace.namespaceInfo?.name).toBe(install.settings.namespace);
+    } finally {
+      await connection.close();
+    }
+    const log = fs.readFileSync(path.join(install.dataDir, 'temporal-server.log'), 'utf8');
+    expect(log).not.toContain('database is locked');
+  }, 120_000);
+});
