@@ -162,6 +162,43 @@ describe('renderExitLog', () => {
     expect(text).toContain('received: [redacted]');
   });
 
+  it('short message leaves other words intact', () => {
+    const text = renderExitLog(record({ stdoutTail: 'received e from the test\n' }), {
+      secrets: [],
+      messageTexts: ['e', '1'],
+      debug: false,
+    });
+
+    expect(text).toContain('session:     sess-1\n');
+    expect(text).toContain('image:       berth-agent:latest\n');
+    expect(text).toContain('/data/sessions/sess-1 -> /workspace (rw)');
+    expect(text).toContain('received [redacted] from the test');
+  });
+
+  it('redacts a message longer than the tail', () => {
+    const message = `TOPSECRET ${'Z'.repeat(80_000)}`;
+    const text = renderExitLog(record({ stdoutTail: `{"text":"echo: ${message}"}\n` }), {
+      secrets: [],
+      messageTexts: [message],
+      debug: false,
+    });
+
+    expect(text).not.toContain('ZZZZ');
+    expect(text).toContain('{"text":"echo: [redacted]"}');
+  });
+
+  it('redacts lines of a message cut by the tail', () => {
+    const message = 'first line of the request\nsecond line with the address';
+    const text = renderExitLog(record({ stdoutTail: 'second line with the address\n' }), {
+      secrets: [],
+      messageTexts: [message],
+      debug: false,
+    });
+
+    expect(text).not.toContain('address');
+    expect(text).toContain('=== stdout (tail) ===\n[redacted]');
+  });
+
   it('ignores secrets shorter than four characters', () => {
     const text = renderExitLog(record(), { secrets: ['abc', ''], messageTexts: [''], debug: false });
 

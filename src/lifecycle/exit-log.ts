@@ -37,7 +37,13 @@ export interface ExitRecord {
 export interface ExitLogOptions {
   /** Values replaced by `[redacted]`. Values shorter than 4 characters are ignored. */
   secrets: string[];
-  /** Message texts replaced by `[redacted]`. Empty texts are ignored. */
+  /**
+   * Message texts replaced by `[redacted]`: a text of up to 64 characters
+   * where it appears as a whole word, so a short text such as "e" does not
+   * mangle every word that contains it, and a longer text wherever it occurs.
+   * The lines of a multi-line text of at least 8 characters count on their
+   * own too, for a tail that starts inside the text. Empty texts are ignored.
+   */
   messageTexts: string[];
   /** Writes the full output even after a clean exit. */
   debug: boolean;
@@ -45,6 +51,10 @@ export interface ExitLogOptions {
 
 const REDACTED = '[redacted]';
 const MIN_SECRET_LENGTH = 4;
+/** Maximum length of a message text that is matched only as a whole word. Longer texts are matched anywhere. */
+const MAX_WHOLE_WORD_LENGTH = 64;
+/** Minimum length of a line of a multi-line message that is redacted on its own. */
+const MIN_MESSAGE_LINE_LENGTH = 8;
 /** Maximum length of a tail section in the file, in UTF-16 code units. */
 const MAX_TAIL_LENGTH = 64 * 1024;
 const LOG_FILE_PATTERN = /^container-.*\.log$/;
@@ -79,21 +89,26 @@ export function classifyExit(
 }
 
 /**
- * Renders the text of an exit log. Every secret and message text in `options`
- * is replaced by `[redacted]` in every value written, tails included. The full
- * stdout and stderr are written only when the exit is not clean or `debug` is set.
+ * Renders the text of an exit log. Every secret in `options` is replaced by
+ * `[redacted]` in every value written, tails included, and every message text
+ * in the notes, stop steps and output. Header fields and mounts are names that
+ * berth or the operator chose, so message texts are not looked for there. The
+ * full stdout and stderr are written only when the exit is not clean or
+ * `debug` is set.
  */
 export function renderExitLog(record: ExitRecord, options: ExitLogOptions): string {
   const redact = makeRedactor(options);
+  const redactSecrets = makeRedactor({ ...options, messageTexts: [] });
   const { kind, meaning } = classifyExit(record.exitCode, record.oomKilled);
 
   const sections = [
-    renderHeader(record, meaning, redact),
+    renderHeader(record, meaning, redactSecrets),
     renderNotes(record, redact),
-    renderMounts(record, redact),
+    renderMounts(record, redactSecrets),
     renderStopSteps(record, redact),
-    renderOutput('stderr', 'tail', tail(record.stderrTail), redact),
-    renderOutput('stdout', 'tail', tail(record.stdoutTail), redact),
+    // Redact before cutting, so a message or secret that the cut would split is still recognised.
+    renderOutput('stderr', 'tail', tail(redact(record.stderrTail)), keepText),
+    renderOutput('stdout', 'tail', tail(redact(record.stdoutTail)), keepText),
   ];
   if (kind !== 'clean' || options.debug) {
     sections.push(renderOutput('stderr', 'full', record.stderrFull, redact));
@@ -318,10 +333,7 @@ function renderOutput(
   return `${heading}\n${redacted.endsWith('\n') ? redacted.slice(0, -1) : redacted}`;
 }
 
-/**
- * Returns the end of a tail, at most MAX_TAIL_LENGTH long, so a caller's oversized tail stays bounded.
- * NOTE: a secret cut in two by a tail's start is not recognised, so its last characters can remain.
- */
+/** Returns the end of a tail, at most MAX_TAIL_LENGTH long, so a caller's oversized tail stays bounded. */
 function tail(text: string): string {
   if (text.length <= MAX_TAIL_LENGTH) {
     return text;
@@ -332,21 +344,68 @@ function tail(text: string): string {
 /**
  * Builds a function that replaces every secret and message text, and also
  * their JSON-escaped forms (an agent often prints a message inside JSON).
+ * Secrets are replaced wherever they occur, message texts of up to
+ * MAX_WHOLE_WORD_LENGTH characters only as whole words.
  * Longer values are replaced first so that one containing another is removed whole.
  */
 function makeRedactor(options: ExitLogOptions): (text: string) => string {
-  const values = [
-    ...options.secrets.filter((secret) => secret.length >= MIN_SECRET_LENGTH),
-    ...options.messageTexts.filter((message) => message.length > 0),
-  ];
-  const needles = new Set<string>();
-  for (const value of values) {
-    needles.add(value);
-    needles.add(JSON.stringify(value).slice(1, -1));
-  }
-  const ordered = [...needles].filter((needle) => needle.length > 0).sort((a, b) => b.length - a.length);
+  const secrets = options.secrets.filter((secret) => secret.length >= MIN_SECRET_LENGTH);
+  const messages = options.messageTexts.flatMap((message) => [
+    message,
+    ...message
+      .split('\n')
+      .map((line) => line.trim())
+      .filter((line) => line.length >= MIN_MESSAGE_LINE_LENGTH && line !== message),
+  ]);
+  const replacers = [
+    ...withEscapedForms(secrets).map((needle) => ({ needle, wholeWord: false })),
+    ...withEscapedForms(messages).map((needle) => ({ needle, wholeWord: true })),
+  ]
+    .sort((a, b) => b.needle.length - a.needle.length)
+    .map(({ needle, wholeWord }) => replacerFor(needle, wholeWord));
 
-  return (text) => ordered.reduce((result, needle) => result.split(needle).join(REDACTED), text);
+  return (text) => replacers.reduce((result, replace) => replace(result), text);
+}
+
+/**
+ * Builds the replacement of one value. A long value is replaced wherever it
+ * occurs, because a long text inside another word is no accident, and a
+ * pattern of its length would be too large for a regular expression.
+ */
+function replacerFor(needle: string, wholeWord: boolean): (text: string) => string {
+  if (!wholeWord || needle.length > MAX_WHOLE_WORD_LENGTH) {
+    return (text) => text.split(needle).join(REDACTED);
+  }
+  const pattern = new RegExp(wholeWordPattern(needle), 'gu');
+  return (text) => text.replace(pattern, REDACTED);
+}
+
+/** Returns each non-empty value and its JSON-escaped form, without repeats. */
+function withEscapedForms(values: string[]): string[] {
+  const forms = new Set<string>();
+  for (const value of values) {
+    forms.add(value);
+    forms.add(JSON.stringify(value).slice(1, -1));
+  }
+  return [...forms].filter((form) => form.length > 0);
+}
+
+/** Matches `needle` unless a letter or digit continues it on a side where it starts or ends with one. */
+function wholeWordPattern(needle: string): string {
+  const wordChar = /[\p{L}\p{N}_]/u;
+  const before = wordChar.test(needle[0] ?? '') ? '(?<![\\p{L}\\p{N}_])' : '';
+  const after = wordChar.test(needle.at(-1) ?? '') ? '(?![\\p{L}\\p{N}_])' : '';
+  return `${before}${escapeRegExp(needle)}${after}`;
+}
+
+/** Escapes the characters that have a meaning in a regular expression. */
+function escapeRegExp(text: string): string {
+  return text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+}
+
+/** Leaves text as it is, for output that was redacted before it was cut. */
+function keepText(text: string): string {
+  return text;
 }
 
 /** Writes `text` under a name no other record uses. Returns the existing path when a retry wrote it already. */
