@@ -815,6 +815,30 @@ describe('session workflow', { timeout: 60_000 }, () => {
     });
   });
 
+  it('bad input uses no restart budget', async () => {
+    const input = { restartBudget: { maxFailures: 2, windowMs: 10 * MINUTE } };
+    await withSession({ input }, async (session) => {
+      for (let attempt = 1; attempt <= 3; attempt += 1) {
+        session.engine.failNextSpawn(
+          ApplicationFailure.nonRetryable(
+            `container.json is invalid (${attempt})`,
+            'InvalidContainerConfigError',
+          ),
+        );
+        await session.wake();
+        await session.waitFor(
+          `failed start ${attempt}`,
+          (s) => s.lastError?.includes(`(${attempt})`) === true,
+        );
+      }
+
+      const running = await session.wakeAndRun();
+
+      expect(running.lastError).toBeNull();
+      expect(session.engine.spawns).toHaveLength(1);
+    });
+  });
+
   describe('self-retry', () => {
     it('retryable start failure retries by itself', async () => {
       await withSession({}, async (session) => {

@@ -317,11 +317,13 @@ export async function sessionWorkflow(input: SessionWorkflowInput): Promise<void
       });
     } catch (error) {
       counters.lastError = describeFailure(error);
-      counters.failedStarts = [...counters.failedStarts, Date.now()].slice(-20);
       counters.consecutiveStartFailures += 1;
       if (!isNonRetryable(error)) {
-        // A cause that may pass (Docker down, an engine error): try again by itself, backing off, so the
-        // pending messages are not left waiting for the next message. Bad input waits for the next wake.
+        // A cause that may pass (Docker down, an engine error) counts toward the restart budget, and the
+        // session tries again by itself, backing off, so the pending messages are not left waiting for
+        // the next message. Bad input (an invalid container.json, a rejected mount) starts nothing and
+        // uses no budget: it waits for the next wake, which starts at once when the input was fixed.
+        counters.failedStarts = [...counters.failedStarts, Date.now()].slice(-20);
         const delay = Math.min(
           MAX_START_RETRY_MS,
           FIRST_START_RETRY_MS * 2 ** (counters.consecutiveStartFailures - 1),
