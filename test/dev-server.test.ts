@@ -2,7 +2,10 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { Connection } from '@temporalio/client';
 import { afterAll, describe, expect, it } from 'vitest';
+import { sessionWorkflowId } from '../src/client/ids.js';
+import { connectClient, sessionStatus } from '../src/client/session-client.js';
 import { startDevServer, type DevServer } from '../src/dev-server.js';
+import { sessionWorkflow } from '../src/workflows/session.js';
 import { startTestInstall, type TestInstall } from './support/temporal.js';
 
 let install: TestInstall | undefined;
@@ -48,4 +51,24 @@ describe('dev server', () => {
     const log = fs.readFileSync(path.join(install.dataDir, 'temporal-server.log'), 'utf8');
     expect(log).not.toContain('database is locked');
   }, 120_000);
+
+  it('status without a worker names the cause', async () => {
+    // The server from the test above runs, but no worker polls its task queue.
+    const client = await connectClient(install!.settings);
+    try {
+      const sessionId = 'sess-no-worker';
+      await client.workflow.start(sessionWorkflow, {
+        workflowId: sessionWorkflowId(sessionId),
+        taskQueue: install!.settings.workflowTaskQueue,
+        args: [{ sessionId, hostTaskQueue: install!.settings.hostTaskQueue, searchAttributes: false }],
+      });
+
+      const failure = sessionStatus(client, sessionId);
+
+      await expect(failure).rejects.toThrow('got no response to its status query within 10 s');
+      await expect(failure).rejects.toThrow('Start "berth worker" or "berth dev"');
+    } finally {
+      await client.connection.close();
+    }
+  }, 60_000);
 });

@@ -1,4 +1,4 @@
-import { Client, Connection, WorkflowNotFoundError } from '@temporalio/client';
+import { Client, Connection, ServiceError, WorkflowNotFoundError } from '@temporalio/client';
 import { NotFoundError } from '../errors.js';
 import type { Settings } from '../settings.js';
 import { sessionWorkflow, statusQuery, stopSignal, wakeSignal } from '../workflows/session.js';
@@ -50,13 +50,36 @@ export async function wakeSession(
   });
 }
 
-/** Returns the session workflow's status; throws NotFoundError when no workflow exists for it. */
+/** Maximum wait for a worker to respond to a status query. A running worker responds in milliseconds. */
+const STATUS_QUERY_TIMEOUT_MS = 10_000;
+
+/**
+ * Returns the session workflow's status. Throws NotFoundError when no workflow
+ * exists for the session, and an error that names the likely cause (no worker)
+ * when the query gets no response in time.
+ */
 export async function sessionStatus(client: Client, sessionId: string): Promise<SessionStatus> {
+  const handle = client.workflow.getHandle(sessionWorkflowId(sessionId));
   try {
-    return await client.workflow.getHandle(sessionWorkflowId(sessionId)).query(statusQuery);
+    return await client.withDeadline(Date.now() + STATUS_QUERY_TIMEOUT_MS, () => handle.query(statusQuery));
   } catch (error) {
+    if (isUnansweredQuery(error)) {
+      throw new Error(
+        `Session "${sessionId}" got no response to its status query within ${STATUS_QUERY_TIMEOUT_MS / 1000} s, ` +
+          'so no berth worker seems to be running against this Temporal server. Start "berth worker" or "berth dev", then try again.',
+        { cause: error },
+      );
+    }
     throw notFoundOr(error, sessionId);
   }
+}
+
+/** Returns true for a query that timed out or was cancelled at its deadline, which is what a missing worker causes. */
+function isUnansweredQuery(error: unknown): boolean {
+  if (!(error instanceof ServiceError)) return false;
+  const code = (error.cause as { code?: number } | undefined)?.code;
+  // gRPC status codes: 1 is CANCELLED (the client's own deadline), 4 is DEADLINE_EXCEEDED.
+  return code === 1 || code === 4;
 }
 
 /** Asks the session's workflow to stop its container gracefully. */
