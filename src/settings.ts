@@ -90,9 +90,14 @@ export interface Settings {
 
 /** Reads settings from `env`; throws with every invalid variable named. */
 export function loadSettings(env: NodeJS.ProcessEnv = process.env): Settings {
-  const parsed = settingsSchema.safeParse(env);
+  // An empty variable counts as unset, as `BERTH_X= berth …` usually means "use the default".
+  const present = Object.fromEntries(Object.entries(env).filter(([, value]) => value !== ''));
+  const parsed = settingsSchema.safeParse(present);
   if (!parsed.success) {
-    const problems = parsed.error.issues.map((issue) => `${issue.path.join('.')}: ${issue.message}`);
+    const problems = parsed.error.issues.map((issue) => {
+      const name = issue.path.join('.');
+      return `${name}: ${issue.message} (got ${JSON.stringify(present[name])})`;
+    });
     throw new Error(`Invalid berth settings in the environment:\n  ${problems.join('\n  ')}`);
   }
   const values = parsed.data;

@@ -13,4 +13,12 @@ describe('settings', () => {
   it.each(['10', '0', 'many'])('history event limit rejects %s', (value) => {
     expect(() => loadSettings({ BERTH_HISTORY_EVENT_LIMIT: value })).toThrow(/BERTH_HISTORY_EVENT_LIMIT/);
   });
+
+  it('error names the value given', () => {
+    expect(() => loadSettings({ BERTH_HISTORY_EVENT_LIMIT: 'abc' })).toThrow('(got "abc")');
+  });
+
+  it('empty variable counts as unset', () => {
+    expect(loadSettings({ BERTH_HISTORY_EVENT_LIMIT: '' }).historyEventLimit).toBe(5000);
+  });
 });

@@ -201,6 +201,15 @@ function iso(ms: number | null): string | null {
   return ms === null ? null : new Date(ms).toISOString();
 }
 
+/** What happens at each kind of deadline, as the status table names it. */
+const DEADLINE_LABELS: Record<string, string> = {
+  idle: 'idle stop',
+  lifetime: 'lifetime stop',
+  pause: 'stop after pause',
+  'restart-backoff': 'restart backoff ends',
+  retry: 'retry',
+};
+
 /** Renders summaries as an aligned text table. */
 export function formatStatusTable(summaries: SessionSummary[]): string {
   if (summaries.length === 0) return 'No sessions yet. Send one a message with "berth send <group> <text>".';
@@ -211,7 +220,9 @@ export function formatStatusTable(summaries: SessionSummary[]): string {
     s.state,
     s.containerName ?? '-',
     s.lastActivity ? `${s.lastActivity}${s.lastActivitySource ? ` (${s.lastActivitySource})` : ''}` : '-',
-    s.nextDeadline ? `${s.nextDeadline.kind} at ${s.nextDeadline.at}` : '-',
+    s.nextDeadline
+      ? `${DEADLINE_LABELS[s.nextDeadline.kind] ?? s.nextDeadline.kind} at ${s.nextDeadline.at}`
+      : '-',
     // Multi-line errors would break the columns.
     describeProblem(s).replace(/\s*\n\s*/g, ' '),
   ]);
