@@ -201,7 +201,7 @@ function iso(ms: number | null): string | null {
   return ms === null ? null : new Date(ms).toISOString();
 }
 
-/** What happens at each kind of deadline, as the status table names it. */
+/** Status-table label of each deadline kind: the action that the deadline triggers. */
 const DEADLINE_LABELS: Record<string, string> = {
   idle: 'idle stop',
   lifetime: 'lifetime stop',
