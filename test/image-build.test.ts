@@ -279,6 +279,8 @@ describe('build workflow and CLI', () => {
     expect(tag).toMatch(GROUP_TAG);
     expect(tag.startsWith('berth-group-from-cli:')).toBe(true);
     expect(stderr).toContain('apt-get');
+    // Each build line is printed once, not repeated as an info log line.
+    expect(stderr).not.toMatch(/^\{"level":30,/m);
     expect(await docker.imageExists(tag)).toBe(true);
   });
 });

@@ -222,6 +222,8 @@ export function buildProgram(): Command {
     .description("Build an agent group's image from the packages in its container.json, showing progress.")
     .argument('<group-folder>')
     .action(async (folder: string) => {
+      // The build output is printed as it comes, so the same lines as info logs would only repeat it.
+      if (process.env.BERTH_LOG_LEVEL === undefined) logger.level = 'warn';
       const tag = await buildGroupImageNow(loadSettings(), folder, (line) => process.stderr.write(line));
       process.stdout.write(`${tag}\n`);
     });
