@@ -29,7 +29,7 @@ export async function startDevServer(
   const port = Number(portText);
   const pidFile = path.join(settings.dataDir, 'temporal-server.pid');
   const dbFile = path.join(settings.dataDir, 'temporal.db');
-  const leftover = (await portOpen(host, port)) ? findLeftoverServer(pidFile, dbFile) : null;
+  const leftover = (await portOpen(host, port)) ? findLeftoverServer(settings, pidFile, dbFile) : null;
   if (leftover !== null) {
     // A berth process killed without a chance to clean up left its dev server running. It must have
     // exited, not only closed its port, before a new server opens the same SQLite database.
@@ -67,7 +67,8 @@ export async function startDevServer(
     detached: true,
   });
   fs.closeSync(logFile);
-  if (child.pid !== undefined) fs.writeFileSync(pidFile, `${child.pid}\n`);
+  // The server's pid, then the pid of this berth process, which owns it.
+  if (child.pid !== undefined) fs.writeFileSync(pidFile, `${child.pid} ${process.pid}\n`);
   let exited = false;
   child.on('exit', (code) => {
     exited = true;
@@ -117,11 +118,15 @@ function portOpen(host: string, port: number): Promise<boolean> {
  * Returns the pid of a dev server that an earlier berth process started for
  * this data directory and left behind: the pid file names a live `temporal
  * server start-dev` that uses this directory's database. Returns null otherwise.
+ *
+ * @throws Error when the berth process that started that server still runs,
+ *   because stopping the server would cut that process off.
  */
-function findLeftoverServer(pidFile: string, dbFile: string): number | null {
+function findLeftoverServer(settings: Settings, pidFile: string, dbFile: string): number | null {
   let pid: number;
+  let ownerPid: number;
   try {
-    pid = Number(fs.readFileSync(pidFile, 'utf8').trim());
+    [pid = NaN, ownerPid = NaN] = fs.readFileSync(pidFile, 'utf8').trim().split(/\s+/).map(Number);
   } catch {
     return null;
   }
@@ -132,7 +137,23 @@ function findLeftoverServer(pidFile: string, dbFile: string): number | null {
     return null;
   }
   if (!commandLine.includes('start-dev') || !commandLine.includes(dbFile)) return null;
+  if (Number.isInteger(ownerPid) && ownerPid !== process.pid && isNodeProcess(ownerPid)) {
+    throw new Error(
+      `Another berth process (pid ${ownerPid}) runs the Temporal dev server for ${settings.dataDir} on ${settings.temporalAddress}. ` +
+        'Stop it first, or use "berth send" and "berth status" against that server; "berth worker" adds a worker to it.',
+    );
+  }
   return pid;
+}
+
+/** Returns true when `pid` is a live Node.js process, as a berth process that owns a dev server is. */
+function isNodeProcess(pid: number): boolean {
+  if (!processAlive(pid)) return false;
+  try {
+    return fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes('node');
+  } catch {
+    return false;
+  }
 }
 
 /** Sends SIGTERM, waits up to `graceMs` for the process to exit, then sends SIGKILL and waits again. */

@@ -20,18 +20,31 @@ export const WORKFLOWS_PATH = fileURLToPath(new URL('./workflows/index.ts', impo
 
 let runtimeInstalled = false;
 
+/**
+ * Matches the SDK's warnings that a worker has nothing of one kind to poll for.
+ * berth runs one worker for workflows and one for activities on purpose, so
+ * these are expected and logged at debug level.
+ */
+const EXPECTED_SDK_WARNING = /^No (workflows|activities|Nexus services) registered/;
+
 /** Routes Temporal's own worker logs into berth's structured logger, once per process. */
 function installRuntimeLogger(): void {
   if (runtimeInstalled) return;
   runtimeInstalled = true;
   Runtime.install({
     logger: {
-      log: (level, message, meta) =>
-        logger[level === 'TRACE' ? 'trace' : (level.toLowerCase() as 'info')]({ ...meta }, message),
+      log: (level, message, meta) => {
+        const pinoLevel =
+          level === 'WARN' && EXPECTED_SDK_WARNING.test(message) ? 'debug' : level.toLowerCase();
+        logger[pinoLevel as 'info']({ ...meta }, message);
+      },
       trace: (message, meta) => logger.trace({ ...meta }, message),
       debug: (message, meta) => logger.debug({ ...meta }, message),
       info: (message, meta) => logger.info({ ...meta }, message),
-      warn: (message, meta) => logger.warn({ ...meta }, message),
+      warn: (message, meta) =>
+        EXPECTED_SDK_WARNING.test(message)
+          ? logger.debug({ ...meta }, message)
+          : logger.warn({ ...meta }, message),
       error: (message, meta) => logger.error({ ...meta }, message),
     },
   });

@@ -1,3 +1,4 @@
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { Connection } from '@temporalio/client';
@@ -16,6 +17,11 @@ afterAll(async () => {
   await install?.cleanup();
 }, 60_000);
 
+/** Returns the server's pid from a pid file, whose line also names the berth process that owns the server. */
+function serverPidIn(pidFile: string): number {
+  return Number(fs.readFileSync(pidFile, 'utf8').trim().split(/\s+/)[0]);
+}
+
 function isRunning(pid: number): boolean {
   try {
     const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
@@ -29,14 +35,14 @@ describe('dev server', () => {
   it('replaces a leftover server only after it exited', async () => {
     install = await startTestInstall();
     const pidFile = path.join(install.dataDir, 'temporal-server.pid');
-    const leftoverPid = Number(fs.readFileSync(pidFile, 'utf8').trim());
+    const leftoverPid = serverPidIn(pidFile);
     expect(isRunning(leftoverPid)).toBe(true);
 
     // The first server is never stopped, as when the berth process that started it was killed.
     restarted = await startDevServer(install.settings);
 
     expect(isRunning(leftoverPid)).toBe(false);
-    const newPid = Number(fs.readFileSync(pidFile, 'utf8').trim());
+    const newPid = serverPidIn(pidFile);
     expect(newPid).not.toBe(leftoverPid);
     expect(isRunning(newPid)).toBe(true);
     const connection = await Connection.connect({ address: install.settings.temporalAddress });
@@ -69,6 +75,27 @@ describe('dev server', () => {
       await expect(failure).rejects.toThrow('Start "berth worker" or "berth dev"');
     } finally {
       await client.connection.close();
+    }
+  }, 60_000);
+
+  it('refuses to replace a server whose owner runs', async () => {
+    // The server from the first test runs; a live Node.js process stands in for the berth process that owns it.
+    const pidFile = path.join(install!.dataDir, 'temporal-server.pid');
+    const saved = fs.readFileSync(pidFile, 'utf8');
+    const serverPid = serverPidIn(pidFile);
+    const owner = spawn(process.execPath, ['-e', 'setTimeout(() => {}, 60_000)'], { stdio: 'ignore' });
+    try {
+      fs.writeFileSync(pidFile, `${serverPid} ${owner.pid}\n`);
+
+      const failure = startDevServer(install!.settings);
+
+      await expect(failure).rejects.toThrow(
+        `Another berth process (pid ${owner.pid}) runs the Temporal dev server`,
+      );
+      expect(isRunning(serverPid)).toBe(true);
+    } finally {
+      owner.kill('SIGKILL');
+      fs.writeFileSync(pidFile, saved);
     }
   }, 60_000);
 });

@@ -5,6 +5,7 @@ import Database from 'better-sqlite3';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 
 import {
+  countDueMessages,
   inboundPath,
   initSessionFiles,
   insertInboundMessage,
@@ -246,5 +247,39 @@ describe('syncProcessingAcks', () => {
     fs.rmSync(outboundPath(dir));
 
     expect(syncProcessingAcks(dir)).toBe(0);
+  });
+});
+
+describe('countDueMessages', () => {
+  const NOW = Date.parse('2026-12-04T12:00:00.000Z');
+
+  function setProcessAfter(id: string, value: string): void {
+    withFile(inboundPath(dir), (db) =>
+      db.prepare('UPDATE messages_in SET process_after = ? WHERE id = ?').run(value, id),
+    );
+  }
+
+  it('counts pending messages due now', () => {
+    for (const id of ['now', 'past', 'future', 'done']) insertInboundMessage(dir, chat(id));
+    // Zone-less, as SQLite writes it: UTC, one minute before NOW.
+    setProcessAfter('past', '2026-12-04 11:59:00');
+    setProcessAfter('future', '2026-12-04T12:05:00.000Z');
+    writeAck('done', 'completed');
+    syncProcessingAcks(dir);
+
+    expect(countDueMessages(dir, NOW)).toBe(2);
+  });
+
+  it('counts an unreadable time as due', () => {
+    insertInboundMessage(dir, chat('m1'));
+    setProcessAfter('m1', 'soon');
+
+    expect(countDueMessages(dir, NOW)).toBe(1);
+  });
+
+  it('returns 0 without an inbound file', () => {
+    fs.rmSync(inboundPath(dir));
+
+    expect(countDueMessages(dir, NOW)).toBe(0);
   });
 });

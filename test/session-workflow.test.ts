@@ -815,6 +815,38 @@ describe('session workflow', { timeout: 60_000 }, () => {
     });
   });
 
+  describe('message left unprocessed', () => {
+    it('starts the next container after a crash', async () => {
+      await withSession({}, async (session) => {
+        await session.wakeAndRun();
+        // The message's wake arrived while the container was dying, so it counted as activity only.
+        session.engine.dueMessages = 1;
+        await session.engine.crash(session.engine.spawns[0]!, 137);
+
+        await session.waitFor('second container', (s) => s.spawnCount === 2);
+        session.engine.dueMessages = 0;
+
+        expect(session.engine.spawns).toHaveLength(2);
+        expect(session.engine.exits.map((exit) => exit.stopReason)).toEqual(['crash']);
+      });
+    });
+
+    it('waits for a wake after a stop request', async () => {
+      await withSession({}, async (session) => {
+        await session.wakeAndRun();
+        session.engine.dueMessages = 1;
+
+        await session.handle().signal(stopSignal, { reason: 'operator' });
+        const stopped = await session.waitFor('idle', (s) => s.state === 'idle' && s.lastExit !== null);
+        await advance(30 * MINUTE);
+
+        expect(stopped.pendingWake).toBe(false);
+        expect(session.engine.spawns).toHaveLength(1);
+        expect((await session.status()).state).toBe('idle');
+      });
+    });
+  });
+
   it('bad input uses no restart budget', async () => {
     const input = { restartBudget: { maxFailures: 2, windowMs: 10 * MINUTE } };
     await withSession({ input }, async (session) => {

@@ -12,10 +12,12 @@ import { resolveProviderName } from '../providers/registry.js';
 import {
   clearCloseRequest,
   clearProcessingClaims,
+  countDueMessages,
   earliestRetryAt,
   readInboundTexts,
   readProcessingClaims,
   recordFailedAttempts,
+  syncProcessingAcks,
   writeCloseRequest,
 } from '../session/session-files.js';
 import type { ActivityDeps } from './deps.js';
@@ -165,6 +167,8 @@ export function createControlActivities(deps: ActivityDeps) {
             reason: `container ${containerName} ended (${request.stopReason}) while processing it`,
           }));
         }
+        // The agent's completed acks must reach messages_in before due messages are counted.
+        syncProcessingAcks(dir);
         log.info('container exit recorded', {
           sessionId,
           containerName,
@@ -180,6 +184,7 @@ export function createControlActivities(deps: ActivityDeps) {
           retriedMessages: retried,
           failedMessages: failed,
           nextRetryAt: earliestRetryAt(dir),
+          dueMessages: countDueMessages(dir, Date.now()),
         };
       });
     },

@@ -102,6 +102,11 @@ export interface RecordExitResult {
   failedMessages: string[];
   /** When the earliest message waiting for a retry becomes due (epoch ms), so the workflow can wake for it. */
   nextRetryAt: number | null;
+  /**
+   * Pending messages that the container left unprocessed and that are due now,
+   * such as one that arrived while the container was dying unnoticed.
+   */
+  dueMessages: number;
 }
 
 /** The supervising activity's periodic report, sent to the workflow as a signal. */

@@ -107,7 +107,12 @@ async function startChat(settings: Settings): Promise<void> {
   process.stdout.write(
     `berth is running. Temporal Web UI: ${server.uiUrl}\nType a message for agent group "main"; Ctrl-D or Ctrl-C quits.\nyou> `,
   );
-  const input = readline.createInterface({ input: process.stdin, terminal: process.stdin.isTTY });
+  // With a terminal, readline must write to stdout too, or it echoes nothing of what the user types.
+  const input = readline.createInterface({
+    input: process.stdin,
+    output: process.stdin.isTTY ? process.stdout : undefined,
+    terminal: process.stdin.isTTY,
+  });
   let closing = false;
   let closed: Promise<void> | null = null;
   // Both SIGINT and the end of input call this, and each caller waits for the one shutdown to finish.

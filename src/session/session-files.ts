@@ -3,6 +3,7 @@ import path from 'node:path';
 import Database from 'better-sqlite3';
 import type { Destination } from '../db/host-db.js';
 import { INBOUND_SCHEMA, OUTBOUND_SCHEMA } from './schema.js';
+import { parseTimestamp } from '../lifecycle/timestamps.js';
 
 /**
  * The files of one session folder, as the container contract defines them.
@@ -370,6 +371,15 @@ export function readInboundTexts(sessionDir: string, limit = 500): string[] {
   return texts;
 }
 
+/** Parses `process_after` (a zone-less SQLite timestamp is UTC). An unreadable one counts as due now, so its message is not left waiting. */
+function dueTime(processAfter: string, now: number): number {
+  try {
+    return parseTimestamp(processAfter);
+  } catch {
+    return now;
+  }
+}
+
 /** Returns the earliest `process_after` of a pending message waiting for a retry, in epoch ms, or null. */
 export function earliestRetryAt(sessionDir: string): number | null {
   if (!fs.existsSync(inboundPath(sessionDir))) return null;
@@ -381,4 +391,17 @@ export function earliestRetryAt(sessionDir: string): number | null {
       .get(),
   ) as { at: string | null };
   return row.at === null ? null : Date.parse(row.at);
+}
+
+/**
+ * Counts the pending messages that may be processed at `now`: no
+ * `process_after`, or one already past. Call syncProcessingAcks first, so
+ * messages the agent completed are not counted.
+ */
+export function countDueMessages(sessionDir: string, now: number): number {
+  if (!fs.existsSync(inboundPath(sessionDir))) return 0;
+  const rows = withDb(inboundPath(sessionDir), 'read', (db) =>
+    db.prepare("SELECT process_after AS processAfter FROM messages_in WHERE status = 'pending'").all(),
+  ) as Array<{ processAfter: string | null }>;
+  return rows.filter(({ processAfter }) => processAfter === null || dueTime(processAfter, now) <= now).length;
 }

@@ -243,6 +243,9 @@ export async function sessionWorkflow(input: SessionWorkflowInput): Promise<void
     };
     // Messages retried after a stuck or crashed container wait out their backoff; wake when the first is due.
     counters.retryWakeAt = recorded.nextRetryAt;
+    // A message the container never took (it came while the container was dying, and its wake counted
+    // as activity) starts the next container now. After a stop request the session waits for a wake.
+    if (recorded.dueMessages > 0 && outcome.reason !== 'stop-request') pendingWake = true;
     if (outcome.reason === 'crash') counters.failedStarts = [...counters.failedStarts, Date.now()].slice(-20);
     containerName = null;
     startedAt = null;

@@ -113,6 +113,8 @@ export class FakeEngine {
   supervising = 0;
   /** What recordExit reports as the earliest message retry time. */
   nextRetryAt: number | null = null;
+  /** What recordExit reports as the count of pending messages due now. */
+  dueMessages = 0;
 
   constructor(
     sessionId: string,
@@ -321,6 +323,7 @@ export function createFakeActivities(engine: FakeEngine): SessionActivities {
         retriedMessages: [],
         failedMessages: [],
         nextRetryAt: engine.nextRetryAt,
+        dueMessages: engine.dueMessages,
       };
     },
   };
