@@ -70,6 +70,15 @@ export async function sessionStatus(client: Client, sessionId: string): Promise<
         { cause: error },
       );
     }
+    if (error instanceof ServiceError) {
+      // Another failure of the query call itself; its gRPC cause is the useful part.
+      const cause = error.cause instanceof Error ? error.cause.message : String(error.cause);
+      throw new Error(
+        `The status query of session "${sessionId}" failed: ${error.message} (${cause}). ` +
+          'Check that a berth worker runs ("berth worker" or "berth dev") and that the Temporal server is up.',
+        { cause: error },
+      );
+    }
     throw notFoundOr(error, sessionId);
   }
 }
