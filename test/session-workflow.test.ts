@@ -84,20 +84,23 @@ class TestSession {
     }
   }
 
+  /** Returns the workflow input of this session's runs, with the test's overrides. */
+  private workflowInput(): SessionWorkflowInput {
+    return {
+      sessionId: this.sessionId,
+      hostTaskQueue: this.taskQueue,
+      searchAttributes: false,
+      // Time skipping jumps past any heartbeat timeout shorter than the skip.
+      superviseHeartbeatTimeoutMs: 24 * 60 * MINUTE,
+      ...this.options.input,
+    };
+  }
+
   private async signalWithStart(): Promise<void> {
     const handle = await env.client.workflow.signalWithStart(sessionWorkflow, {
       workflowId: this.workflowId,
       taskQueue: this.taskQueue,
-      args: [
-        {
-          sessionId: this.sessionId,
-          hostTaskQueue: this.taskQueue,
-          searchAttributes: false,
-          // Time skipping jumps past any heartbeat timeout shorter than the skip.
-          superviseHeartbeatTimeoutMs: 24 * 60 * MINUTE,
-          ...this.options.input,
-        },
-      ],
+      args: [this.workflowInput()],
       signal: wakeSignal,
       signalArgs: [{ reason: 'test' }],
     });
@@ -112,16 +115,7 @@ class TestSession {
     const handle = await env.client.workflow.start(sessionWorkflow, {
       workflowId: this.workflowId,
       taskQueue: this.taskQueue,
-      args: [
-        {
-          sessionId: this.sessionId,
-          hostTaskQueue: this.taskQueue,
-          searchAttributes: false,
-          superviseHeartbeatTimeoutMs: 24 * 60 * MINUTE,
-          ...this.options.input,
-          carried,
-        },
-      ],
+      args: [{ ...this.workflowInput(), carried }],
     });
     this.firstRunId = handle.firstExecutionRunId;
   }
