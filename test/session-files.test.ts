@@ -5,13 +5,13 @@ import Database from 'better-sqlite3';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 
 import {
-  countDueMessages,
   inboundPath,
   initSessionFiles,
   insertInboundMessage,
   markDelivered,
   outboundPath,
   readFailedMessages,
+  readPendingSchedule,
   readUndeliveredMessages,
   recordFailedAttempts,
   syncProcessingAcks,
@@ -250,7 +250,7 @@ describe('syncProcessingAcks', () => {
   });
 });
 
-describe('countDueMessages', () => {
+describe('readPendingSchedule', () => {
   const NOW = Date.parse('2026-12-04T12:00:00.000Z');
 
   function setProcessAfter(id: string, value: string): void {
@@ -267,19 +267,22 @@ describe('countDueMessages', () => {
     writeAck('done', 'completed');
     syncProcessingAcks(dir);
 
-    expect(countDueMessages(dir, NOW)).toBe(2);
+    expect(readPendingSchedule(dir, NOW)).toEqual({
+      nextRetryAt: Date.parse('2026-12-04T11:59:00.000Z'),
+      dueMessages: 2,
+    });
   });
 
   it('counts an unreadable time as due', () => {
     insertInboundMessage(dir, chat('m1'));
     setProcessAfter('m1', 'soon');
 
-    expect(countDueMessages(dir, NOW)).toBe(1);
+    expect(readPendingSchedule(dir, NOW)).toEqual({ nextRetryAt: NOW, dueMessages: 1 });
   });
 
   it('returns 0 without an inbound file', () => {
     fs.rmSync(inboundPath(dir));
 
-    expect(countDueMessages(dir, NOW)).toBe(0);
+    expect(readPendingSchedule(dir, NOW)).toEqual({ nextRetryAt: null, dueMessages: 0 });
   });
 });

@@ -12,9 +12,8 @@ import { resolveProviderName } from '../providers/registry.js';
 import {
   clearCloseRequest,
   clearProcessingClaims,
-  countDueMessages,
-  earliestRetryAt,
   readInboundTexts,
+  readPendingSchedule,
   readProcessingClaims,
   recordFailedAttempts,
   syncProcessingAcks,
@@ -183,8 +182,7 @@ export function createControlActivities(deps: ActivityDeps) {
           logPath,
           retriedMessages: retried,
           failedMessages: failed,
-          nextRetryAt: earliestRetryAt(dir),
-          dueMessages: countDueMessages(dir, Date.now()),
+          ...readPendingSchedule(dir, Date.now()),
         };
       });
     },

@@ -380,28 +380,28 @@ function dueTime(processAfter: string, now: number): number {
   }
 }
 
-/** Returns the earliest `process_after` of a pending message waiting for a retry, in epoch ms, or null. */
-export function earliestRetryAt(sessionDir: string): number | null {
-  if (!fs.existsSync(inboundPath(sessionDir))) return null;
-  const row = withDb(inboundPath(sessionDir), 'read', (db) =>
-    db
-      .prepare(
-        "SELECT MIN(process_after) AS at FROM messages_in WHERE status = 'pending' AND process_after IS NOT NULL",
-      )
-      .get(),
-  ) as { at: string | null };
-  return row.at === null ? null : Date.parse(row.at);
-}
-
 /**
- * Counts the pending messages that may be processed at `now`: no
- * `process_after`, or one already past. Call syncProcessingAcks first, so
- * messages the agent completed are not counted.
+ * Reads when the session's pending messages may be processed, from one query:
+ * `nextRetryAt` is the earliest `process_after` of any of them (epoch ms, or
+ * null when none has one), and `dueMessages` counts those that may be
+ * processed at `now` (no `process_after`, or one already past). Call
+ * syncProcessingAcks first, so messages the agent completed are not counted.
  */
-export function countDueMessages(sessionDir: string, now: number): number {
-  if (!fs.existsSync(inboundPath(sessionDir))) return 0;
+export function readPendingSchedule(
+  sessionDir: string,
+  now: number,
+): { nextRetryAt: number | null; dueMessages: number } {
+  if (!fs.existsSync(inboundPath(sessionDir))) return { nextRetryAt: null, dueMessages: 0 };
   const rows = withDb(inboundPath(sessionDir), 'read', (db) =>
     db.prepare("SELECT process_after AS processAfter FROM messages_in WHERE status = 'pending'").all(),
   ) as Array<{ processAfter: string | null }>;
-  return rows.filter(({ processAfter }) => processAfter === null || dueTime(processAfter, now) <= now).length;
+
+  let nextRetryAt: number | null = null;
+  let dueMessages = 0;
+  for (const { processAfter } of rows) {
+    const at = processAfter === null ? null : dueTime(processAfter, now);
+    if (at !== null && (nextRetryAt === null || at < nextRetryAt)) nextRetryAt = at;
+    if (at === null || at <= now) dueMessages += 1;
+  }
+  return { nextRetryAt, dueMessages };
 }
