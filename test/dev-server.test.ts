@@ -79,7 +79,7 @@ describe('dev server', () => {
   }, 60_000);
 
   it('refuses to replace a server whose owner runs', async () => {
-    // The server from the first test runs; a live Node.js process stands in for the berth process that owns it.
+    // The server from the first test runs; a live Node.js process plays the berth process that owns it.
     const pidFile = path.join(install!.dataDir, 'temporal-server.pid');
     const saved = fs.readFileSync(pidFile, 'utf8');
     const serverPid = serverPidIn(pidFile);

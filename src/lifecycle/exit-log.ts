@@ -38,11 +38,12 @@ export interface ExitLogOptions {
   /** Values replaced by `[redacted]`. Values shorter than 4 characters are ignored. */
   secrets: string[];
   /**
-   * Message texts replaced by `[redacted]`: a text of up to 64 characters
-   * where it appears as a whole word, so a short text such as "e" does not
-   * mangle every word that contains it, and a longer text wherever it occurs.
-   * The lines of a multi-line text of at least 8 characters count on their
-   * own too, for a tail that starts inside the text. Empty texts are ignored.
+   * Message texts replaced by `[redacted]`. A text of up to 64 characters is
+   * replaced only where it appears as a whole word, so a short text such as
+   * "e" does not mangle every word that contains it. A longer text is replaced
+   * wherever it occurs. Each line of at least 8 characters of a multi-line
+   * text is also replaced on its own, for a tail that starts inside the text.
+   * Empty texts are ignored.
    */
   messageTexts: string[];
   /** Writes the full output even after a clean exit. */

@@ -169,7 +169,7 @@ async function fetchAddedArgs(
   if (filesDir === undefined) return convertVolumeFlags(added, (source) => source);
 
   // NOTE: two groups whose calls overlap can still race between the SDK's write of a shared file
-  // and this copy; the window is from the SDK's write to the end of its applyContainerConfig call.
+  // and this copy. The window runs from that write to the end of the SDK's applyContainerConfig call.
   const groupDir = path.join(filesDir, toPathSegment(identity.agentGroupId));
   return convertVolumeFlags(added, (source) => copyIntoDir(source, groupDir));
 }
